@@ -1,0 +1,160 @@
+"""``python -m data_pipeline`` (also installed as ``data_pipeline``)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import sys
+
+from data_pipeline.errors import DataPipelineError
+from data_pipeline.schema import (DATASETS, DEFAULT_FRAME_SIZE, DEFAULT_JPEG_QUALITY,
+                                  DEFAULT_MASK_SIZE)
+
+SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.I)
+UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9,
+         "t": 1e12, "tb": 1e12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """'256MB', '1GiB', '500k', '1048576' -> bytes."""
+    m = SIZE_RE.match(text)
+    unit = (m.group(2) or "").lower() if m else None
+    if not m or unit not in UNITS:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 256MB, 1GiB, 1048576)")
+    return int(float(m.group(1)) * UNITS[unit])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="data_pipeline",
+        description="Pack audio-visual datasets (AVE, LLP/AVVP, AVSBench S4/MS3, MUSIC-AVQA) "
+                    "into WebDataset shards on any fsspec URL, and check them.")
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    s = sub.add_parser("synth", help="write a small learnable synthetic dataset in the "
+                       "official raw layout",
+                       description="Write a small learnable synthetic dataset in the official "
+                       "raw layout of a dataset (class-coloured shapes in frames, class-pitched "
+                       "tones in audio). --n videos go to train, n/4 (at least 2) to val and test.")
+    s.add_argument("--task", required=True, choices=["ave", "avvp", "avs-s4", "avs-ms3", "avqa"])
+    s.add_argument("--n", type=int, required=True, help="number of training videos")
+    s.add_argument("--out", required=True, help="output directory")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--classes", type=int, default=4, help="how many classes appear (default 4)")
+    s.add_argument("--size", type=int, default=None, help="raw frame size in pixels (default 96)")
+    s.add_argument("--videos", action="store_true",
+                   help="write mp4 videos (for pack --from-videos) instead of frames + waves")
+
+    k = sub.add_parser("pack", help="official raw layout -> WebDataset shards",
+                       description="Read the official raw layout of one split and write "
+                       "WebDataset shards {split}-NNNNNN.tar and {split}.manifest.json to a local "
+                       "path or fsspec URL (file://, s3://, gs://; S3 endpoint and credentials "
+                       "from AWS_ENDPOINT_URL / AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY). "
+                       "Re-running an interrupted pack resumes it; shards are byte-identical to "
+                       "an uninterrupted run. See data_pipeline/SCHEMA.md.")
+    k.add_argument("--dataset", required=True, choices=DATASETS)
+    k.add_argument("--src", required=True, help="dataset root in the official raw layout")
+    k.add_argument("--split", required=True, help="train, val or test")
+    k.add_argument("--out", required=True, help="output directory or URL")
+    k.add_argument("--workers", type=int, default=1, help="encoder processes (default 1)")
+    k.add_argument("--shard-size", type=parse_size, default="256MB",
+                   help="target shard size (default 256MB)")
+    k.add_argument("--shard-samples", type=int, default=0,
+                   help="also cap samples per shard (default: no cap)")
+    k.add_argument("--frame-size", type=int, default=DEFAULT_FRAME_SIZE,
+                   help=f"stored frame size, square (default {DEFAULT_FRAME_SIZE}, the model input)")
+    k.add_argument("--mask-size", type=int, default=DEFAULT_MASK_SIZE,
+                   help=f"stored AVSBench mask size (default {DEFAULT_MASK_SIZE})")
+    k.add_argument("--jpeg-quality", type=int, default=DEFAULT_JPEG_QUALITY)
+    k.add_argument("--audio-format", choices=["npy", "flac"], default="npy",
+                   help="int16 .npy (default, no decode cost) or FLAC (about 2x smaller)")
+    k.add_argument("--from-videos", action="store_true",
+                   help="decode 1 fps frames and 32 kHz mono audio from the original videos "
+                        "(<src>/videos/<id>.mp4, or --videos-dir) with PyAV")
+    k.add_argument("--videos-dir", default=None, help="where --from-videos finds the videos")
+    k.add_argument("--on-error", choices=["raise", "skip"], default="raise",
+                   help="bad sample: fail the split before publishing (default) or skip and "
+                        "count it in the manifest")
+    k.add_argument("--trust-pickle", action="store_true",
+                   help="allow reading the official AVSBench AVS.npy (a pickle)")
+    k.add_argument("--staging", default=None,
+                   help="local staging directory (default: <out>/.staging-<split> for local "
+                        "output, ~/.cache/avmoe/pack-staging/<hash> for object storage)")
+    k.add_argument("--overwrite", action="store_true",
+                   help="replace an existing pack of this split made from other input/options")
+
+    v = sub.add_parser("verify", help="re-read shards: sha256, counts, decodability",
+                       description="Re-read every shard of every split (or --split) at URL and "
+                       "check sha256, sizes, sample counts and keys against the manifest, the "
+                       "member schema, and that every member decodes. Exits 1 on any mismatch.")
+    v.add_argument("url")
+    v.add_argument("--split", action="append", help="only this split (repeatable)")
+    v.add_argument("--no-decode", action="store_true", help="skip decoding members")
+
+    i = sub.add_parser("inspect", help="manifest summary; render one sample as a PNG",
+                       description="Print the manifest summary of every split at URL; with "
+                       "--png, render one sample (frame strip, waveform, log-mel spectrogram, "
+                       "labels, mask overlay for AVSBench).")
+    i.add_argument("url")
+    i.add_argument("--key", default=None, help="sample key (default: the first sample)")
+    i.add_argument("--split", default=None)
+    i.add_argument("--png", default=None, help="write the rendering to this PNG file")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return run(args)
+    except DataPipelineError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+def run(args) -> int:
+    if args.verb == "synth":
+        from data_pipeline.synth import synth
+
+        try:
+            synth(args.task, args.n, args.out, seed=args.seed, num_classes=args.classes,
+                  size=args.size, videos=args.videos)
+        except ValueError as e:
+            raise DataPipelineError(str(e)) from None
+        print(f"wrote synthetic {args.task} dataset to {args.out}")
+        return 0
+    if args.verb == "pack":
+        from data_pipeline.pack import PackOptions, pack
+
+        opts = PackOptions(frame_size=args.frame_size, mask_size=args.mask_size,
+                           jpeg_quality=args.jpeg_quality, audio_format=args.audio_format,
+                           shard_bytes=args.shard_size, shard_samples=args.shard_samples,
+                           from_videos=args.from_videos, on_error=args.on_error,
+                           trust_pickle=args.trust_pickle)
+        res = pack(args.dataset, args.src, args.split, args.out, opts, workers=args.workers,
+                   staging_dir=args.staging, overwrite=args.overwrite, videos_dir=args.videos_dir)
+        m = res.manifest
+        print(f"packed {m['dataset']} {m['split']}: {m['num_samples']} samples in "
+              f"{m['num_shards']} shards ({m['total_bytes']:,} bytes), {m['num_skipped']} "
+              f"skipped -> {args.out}")
+        return 0
+    if args.verb == "verify":
+        from data_pipeline.verify import verify
+
+        rep = verify(args.url, args.split, decode=not args.no_decode)
+        for split, n in rep.splits.items():
+            print(f"ok {split}: {n} samples")
+        print(f"verified {rep.shards} shards, {rep.bytes:,} bytes")
+        return 0
+    if args.verb == "inspect":
+        from data_pipeline.inspect_shards import render_png, summary
+
+        print(summary(args.url))
+        if args.png:
+            render_png(args.url, args.png, key=args.key, split=args.split)
+            print(f"wrote {args.png}")
+        return 0
+    raise AssertionError(args.verb)

@@ -1,0 +1,241 @@
+"""Reading raw media and encoding shard members (runs in packer worker processes).
+
+Every encoder is deterministic: the same input and options give the same bytes.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from data_pipeline.errors import SampleError
+from data_pipeline.schema import SAMPLE_RATE
+
+
+@dataclass(frozen=True)
+class EncodeOptions:
+    frame_size: int = 192
+    mask_size: int = 224
+    jpeg_quality: int = 90
+    audio_format: str = "npy"  # "npy" (int16) or "flac"
+    trust_pickle: bool = False
+
+
+# ----------------------------------------------------------------------------- images
+def load_image(path: str, key: str, what: str = "frame") -> Image.Image:
+    if not os.path.exists(path):
+        raise SampleError(key, path, f"missing {what}: file does not exist")
+    try:
+        img = Image.open(path)
+        img.load()  # force a full decode so truncated files fail here, not in training
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise SampleError(key, path, f"unreadable {what} image ({e})") from None
+    return img
+
+
+def encode_frame(path: str, key: str, opts: EncodeOptions) -> bytes:
+    """A JPEG of the frame at ``frame_size`` x ``frame_size`` (bicubic, no crop: the
+    official AVMoE preprocessing does not keep the aspect ratio)."""
+    img = load_image(path, key)
+    size = (opts.frame_size, opts.frame_size)
+    if img.format == "JPEG" and img.mode == "RGB" and img.size == size:
+        with open(path, "rb") as f:  # already what we store: keep the bytes, no re-encode loss
+            return f.read()
+    return jpeg_bytes(img.convert("RGB").resize(size, Image.BICUBIC), opts.jpeg_quality)
+
+
+def jpeg_bytes(img: Image.Image, quality: int) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=quality, optimize=False, progressive=False)
+    return buf.getvalue()
+
+
+def binarize_mask(img: Image.Image) -> np.ndarray:
+    """AVSBench masks: S4 PNGs are 0/255 grey, MS3 PNGs are palette images whose object
+    index is non-zero; both become a boolean mask."""
+    if img.mode == "P":
+        return np.asarray(img) > 0
+    return np.asarray(img.convert("L")) >= 128
+
+
+def encode_mask(path: str, key: str, opts: EncodeOptions) -> bytes:
+    mask = binarize_mask(load_image(path, key, "mask"))
+    img = Image.fromarray(mask.astype(np.uint8) * 255, mode="L")
+    if img.size != (opts.mask_size, opts.mask_size):
+        img = img.resize((opts.mask_size, opts.mask_size), Image.NEAREST)
+    buf = io.BytesIO()
+    img.convert("1").save(buf, format="PNG", optimize=False)
+    return buf.getvalue()
+
+
+def decode_mask_png(data: bytes) -> np.ndarray:
+    return (np.asarray(Image.open(io.BytesIO(data)).convert("L")) > 0).astype(np.uint8)
+
+
+# ----------------------------------------------------------------------------- audio
+def to_int16(wave: np.ndarray) -> np.ndarray:
+    if wave.dtype == np.int16:
+        return wave
+    if np.issubdtype(wave.dtype, np.integer):
+        raise TypeError(f"integer audio of dtype {wave.dtype} (expected int16 or float)")
+    w = np.clip(np.nan_to_num(wave.astype(np.float64)), -1.0, 1.0)
+    return np.round(w * 32767.0).astype(np.int16)
+
+
+def load_npy(path: str, key: str, what: str) -> np.ndarray:
+    if not os.path.exists(path):
+        raise SampleError(key, path, f"missing {what}: file does not exist")
+    try:
+        return np.load(path, allow_pickle=False)
+    except ValueError as e:
+        if "allow_pickle" in str(e):
+            raise SampleError(key, path, f"{what} .npy is a pickle (object array); refusing to "
+                              "unpickle it") from None
+        raise SampleError(key, path, f"unreadable {what} .npy ({e})") from None
+    except (OSError, EOFError) as e:
+        raise SampleError(key, path, f"unreadable {what} .npy ({e})") from None
+
+
+def check_wave(wave: np.ndarray, key: str, path: str, samples: int) -> np.ndarray:
+    wave = np.asarray(wave)
+    if wave.ndim == 2 and wave.size == samples:  # official (T, 32000) layout
+        wave = wave.reshape(-1)
+    if wave.ndim != 1:
+        raise SampleError(key, path, f"audio must be mono 1-D (or (T, 32000)); got shape "
+                          f"{tuple(wave.shape)}")
+    if wave.shape[0] != samples:
+        kind = "short" if wave.shape[0] < samples else "long"
+        raise SampleError(key, path, f"audio too {kind}: expected exactly {samples} samples "
+                          f"({samples // SAMPLE_RATE} s at {SAMPLE_RATE} Hz), got {wave.shape[0]}")
+    try:
+        return to_int16(wave)
+    except TypeError as e:
+        raise SampleError(key, path, str(e)) from None
+
+
+def load_pickled_wave(path: str, entry: str, key: str, trust_pickle: bool) -> np.ndarray:
+    """The official AVSBench ``AVS.npy``: a pickled dict {"<name>.wav": samples}."""
+    if not trust_pickle:
+        raise SampleError(key, path, "this AVS.npy wave file is a Python pickle, which can run "
+                          "arbitrary code when loaded; pass --trust-pickle if you trust its "
+                          "source, or provide per-video <name>.npy waves instead")
+    if not os.path.exists(path):
+        raise SampleError(key, path, "missing audio: file does not exist")
+    table = np.load(path, allow_pickle=True)
+    table = table.item() if isinstance(table, np.ndarray) and table.dtype == object else table
+    if not isinstance(table, dict) or entry not in table:
+        raise SampleError(key, path, f"AVS.npy has no entry {entry!r}")
+    return np.asarray(table[entry])
+
+
+def load_wav_resampled(path: str, key: str) -> np.ndarray:
+    """A PCM ``.wav`` (any rate; AVSBench ships 16 kHz) as float mono at 32 kHz."""
+    import soundfile as sf
+
+    try:
+        data, rate = sf.read(path, dtype="float32", always_2d=True)
+    except Exception as e:  # soundfile raises its own LibsndfileError
+        raise SampleError(key, path, f"unreadable wav ({e})") from None
+    data = data.mean(axis=1)
+    if rate != SAMPLE_RATE:
+        import torch
+        import torchaudio.functional as AF
+
+        data = AF.resample(torch.from_numpy(data), rate, SAMPLE_RATE).numpy()
+    return data
+
+
+def encode_audio(wave_int16: np.ndarray, audio_format: str) -> tuple[str, bytes]:
+    if audio_format == "flac":
+        import soundfile as sf
+
+        buf = io.BytesIO()
+        sf.write(buf, wave_int16, SAMPLE_RATE, format="FLAC", subtype="PCM_16")
+        return "audio.flac", buf.getvalue()
+    return "audio.npy", npy_bytes(wave_int16)
+
+
+def decode_audio(name: str, data: bytes) -> np.ndarray:
+    """int16 samples from an ``audio.npy`` or ``audio.flac`` member."""
+    if name.endswith(".flac"):
+        import soundfile as sf
+
+        wave, _ = sf.read(io.BytesIO(data), dtype="int16")
+        return wave
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
+    return buf.getvalue()
+
+
+def json_bytes(obj) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+# ----------------------------------------------------------------------------- video
+def segment_centres(duration: float, segments: int, clip_seconds: float | None) -> list[float]:
+    """Centre time of each 1-s segment: consecutive seconds for a clip of ``clip_seconds``
+    (AVE/AVVP: 10 s videos), else spread uniformly over the whole video (AVQA)."""
+    if clip_seconds is not None:
+        return [t + 0.5 for t in range(segments)]
+    return [duration * (t + 0.5) / segments for t in range(segments)]
+
+
+def decode_video(path: str, key: str, segments: int, clip_seconds: float | None):
+    """Frames (list of PIL images, one per segment, nearest to each segment centre) and
+    32 kHz mono int16 audio (one second around each centre) from a video file, via PyAV."""
+    import av
+
+    if not os.path.exists(path):
+        raise SampleError(key, path, "missing video: file does not exist")
+    try:
+        with av.open(path) as container:
+            vstreams = container.streams.video
+            astreams = container.streams.audio
+            if not vstreams or not astreams:
+                raise SampleError(key, path, "video needs one video and one audio stream; found "
+                                  f"{len(vstreams)} video, {len(astreams)} audio")
+            duration = float(container.duration or 0) / av.time_base
+            frames: list[tuple[float, Image.Image]] = []
+            for frame in container.decode(vstreams[0]):
+                frames.append((float(frame.time or 0.0), frame.to_image()))
+        with av.open(path) as container:
+            resampler = av.AudioResampler(format="s16", layout="mono", rate=SAMPLE_RATE)
+            chunks = []
+            for frame in container.decode(container.streams.audio[0]):
+                for out in resampler.resample(frame):
+                    chunks.append(out.to_ndarray().reshape(-1))
+            for out in resampler.resample(None):
+                chunks.append(out.to_ndarray().reshape(-1))
+    except SampleError:
+        raise
+    except Exception as e:  # PyAV raises many FFmpeg error types
+        raise SampleError(key, path, f"undecodable video ({type(e).__name__}: {e})") from None
+    if not frames:
+        raise SampleError(key, path, "video has no decodable frames")
+    audio = np.concatenate(chunks).astype(np.int16) if chunks else np.zeros(0, np.int16)
+    duration = duration or max(frames[-1][0], audio.size / SAMPLE_RATE)
+    centres = segment_centres(duration, segments, clip_seconds)
+    times = np.array([t for t, _ in frames])
+    picked = [frames[int(np.argmin(np.abs(times - c)))][1] for c in centres]
+    need = segments * SAMPLE_RATE
+    if clip_seconds is not None:
+        wave = audio[:need]
+    else:
+        starts = [max(0, int(round((c - 0.5) * SAMPLE_RATE))) for c in centres]
+        wave = np.concatenate([audio[s:s + SAMPLE_RATE] for s in starts])
+    # Real clips often end a few ms early; up to 10 % is padded with silence.
+    if wave.size < need:
+        if wave.size < 0.9 * need:
+            raise SampleError(key, path, f"audio track too short: {audio.size / SAMPLE_RATE:.2f} s "
+                              f"decoded, expected {segments} s of segments")
+        wave = np.pad(wave, (0, need - wave.size))
+    return picked, wave

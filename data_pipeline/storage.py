@@ -1,0 +1,42 @@
+"""fsspec URLs: local paths, ``file://``, ``s3://`` (endpoint and credentials from the usual
+S3 settings, e.g. ``AWS_ENDPOINT_URL``), ``gs://``."""
+
+from __future__ import annotations
+
+import os
+
+import fsspec
+
+
+def _s3_options() -> dict:
+    # s3fs reads keys from the environment itself; the endpoint for S3-compatible servers
+    # (MinIO, moto, Ceph) comes from AWS_ENDPOINT_URL[_S3] so that every tool agrees.
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    opts: dict = {}
+    if endpoint:
+        opts["endpoint_url"] = endpoint
+    region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
+    if region:
+        opts.setdefault("client_kwargs", {})["region_name"] = region
+    return opts
+
+
+def filesystem(url: str, **storage_options):
+    """(fs, path) for a URL; ``storage_options`` override the environment defaults."""
+    protocol = url.split("://", 1)[0] if "://" in url else "file"
+    opts = _s3_options() if protocol in ("s3", "s3a") else {}
+    opts.update(storage_options)
+    fs, path = fsspec.core.url_to_fs(url, **opts)
+    return fs, path
+
+
+def join(base: str, name: str) -> str:
+    return base.rstrip("/") + "/" + name
+
+
+def is_local(url: str) -> bool:
+    return "://" not in url or url.startswith("file://")
+
+
+def local_path(url: str) -> str:
+    return url[len("file://"):] if url.startswith("file://") else url
