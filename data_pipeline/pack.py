@@ -240,7 +240,8 @@ def pack(dataset: str, src: str, split: str, out: str, opts: PackOptions | None 
     trailing_skips = encoded["trailing_skips"]
 
     _publish(fs, out_path, staging, journal)
-    shards = [{k: e[k] for k in ("name", "samples", "bytes", "sha256", "keys")} for e in journal]
+    shards = [{k: e[k] for k in ("name", "samples", "bytes", "sha256", "keys", "spans",
+                                 "sample_sha256")} for e in journal]
     skipped = [s for e in journal for s in e["skipped"]] + trailing_skips
     manifest = {
         **manifest_head,
@@ -270,7 +271,8 @@ def _encode_and_stage(dataset, src, opts, workers, staging, journal, todo, split
     def open_shard():
         tmp = os.path.join(staging.path, shard_name(split, index) + ".partial")
         f = open(tmp, "wb")
-        return {"writer": DeterministicTarWriter(f), "file": f, "tmp": tmp, "keys": [], "size": 0}
+        return {"writer": DeterministicTarWriter(f), "file": f, "tmp": tmp, "keys": [], "size": 0,
+                "spans": [], "sha": []}
 
     def close_shard():
         nonlocal cur, index, skipped_since
@@ -281,7 +283,8 @@ def _encode_and_stage(dataset, src, opts, workers, staging, journal, todo, split
         name = shard_name(split, index)
         os.replace(cur["tmp"], os.path.join(staging.path, name))
         staging.record(index, {"name": name, "samples": len(cur["keys"]), "bytes": nbytes,
-                               "sha256": sha, "keys": cur["keys"], "last_key": cur["keys"][-1],
+                               "sha256": sha, "keys": cur["keys"], "spans": cur["spans"],
+                               "sample_sha256": cur["sha"], "last_key": cur["keys"][-1],
                                "skipped": skipped_since})
         index += 1
         skipped_since = []
@@ -305,7 +308,9 @@ def _encode_and_stage(dataset, src, opts, workers, staging, journal, todo, split
                     return None
             if cur is None:
                 cur = open_shard()
-            cur["writer"].add_sample(key, members)
+            offset, length, sample_sha = cur["writer"].add_sample(key, members)
+            cur["spans"].append([offset, length])
+            cur["sha"].append(sample_sha)
             cur["keys"].append(key)
             cur["size"] += size
             count += 1
@@ -314,7 +319,6 @@ def _encode_and_stage(dataset, src, opts, workers, staging, journal, todo, split
     finally:
         bar.close()
         if cur is not None:  # an error mid-shard: drop the partial file, keep finished shards
-            cur["writer"].abort()
             cur["file"].close()
             os.unlink(cur["tmp"])
         close = getattr(results, "close", None)

@@ -1,17 +1,24 @@
 """Deterministic tar writing: fixed metadata (mtime 0, uid/gid 0, no user names, mode 0644),
-members in the order given, so the same samples give byte-identical shards."""
+members in the order given, so the same samples give byte-identical shards.
+
+The writer lays out the archive itself (header blocks from ``tarfile.TarInfo.tobuf``, data
+padded to 512 bytes, two zero blocks and padding to a 10240-byte record at the end: what
+``tarfile`` writes), so it knows each sample's byte span and sha256. The manifest records
+them: readers fetch one sample range with a ranged read and check it without hashing the
+whole shard.
+"""
 
 from __future__ import annotations
 
 import hashlib
-import io
 import tarfile
 
 BLOCK = 512
+RECORD = 20 * BLOCK  # tarfile.RECORDSIZE
 
 
 def member_size(data_len: int) -> int:
-    """Bytes a regular member takes in a tar: one header block plus padded data."""
+    """Bytes a regular member with a short ASCII name takes: one header plus padded data."""
     return BLOCK + -(-data_len // BLOCK) * BLOCK
 
 
@@ -19,49 +26,41 @@ def sample_size(members: list[tuple[str, bytes]], key: str) -> int:
     return sum(member_size(len(data)) for _, data in members)
 
 
-class HashingWriter(io.RawIOBase):
-    """A write-only file that hashes (sha256) and counts what passes through."""
-
-    def __init__(self, f):
-        self._f = f
-        self.sha256 = hashlib.sha256()
-        self.bytes = 0
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, b) -> int:
-        self._f.write(b)
-        self.sha256.update(b)
-        self.bytes += len(b)
-        return len(b)
+def member_bytes(name: str, data: bytes) -> bytes:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0
+    info.mode = 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    info.type = tarfile.REGTYPE
+    header = info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+    return header + data + b"\0" * (-len(data) % BLOCK)
 
 
 class DeterministicTarWriter:
     def __init__(self, fileobj):
-        self._hash = HashingWriter(fileobj)
-        self._tar = tarfile.open(fileobj=self._hash, mode="w|", format=tarfile.PAX_FORMAT)
+        self._f = fileobj
+        self._sha = hashlib.sha256()
+        self.bytes = 0
 
-    def add(self, name: str, data: bytes) -> None:
-        info = tarfile.TarInfo(name)
-        info.size = len(data)
-        info.mtime = 0
-        info.mode = 0o644
-        info.uid = info.gid = 0
-        info.uname = info.gname = ""
-        info.type = tarfile.REGTYPE
-        self._tar.addfile(info, io.BytesIO(data))
+    def _write(self, buf: bytes) -> None:
+        self._f.write(buf)
+        self._sha.update(buf)
+        self.bytes += len(buf)
 
-    def add_sample(self, key: str, members: list[tuple[str, bytes]]) -> None:
-        # Contiguous and sorted: Ray's streaming group-by silently corrupts interleaved keys.
-        for suffix, data in sorted(members):
-            self.add(f"{key}.{suffix}", data)
+    def add_sample(self, key: str, members: list[tuple[str, bytes]]) -> tuple[int, int, str]:
+        """Write one sample; returns its (offset, length, sha256) in the shard.
 
-    def abort(self) -> None:
-        """Drop an unfinished shard without writing the end-of-archive blocks."""
-        self._tar.fileobj.closed = True  # tarfile's stream would flush on garbage collection
-        self._tar.closed = True
+        Members are contiguous and sorted: Ray's streaming group-by silently corrupts
+        interleaved keys."""
+        buf = b"".join(member_bytes(f"{key}.{suffix}", data) for suffix, data in sorted(members))
+        offset = self.bytes
+        self._write(buf)
+        return offset, len(buf), hashlib.sha256(buf).hexdigest()
 
     def close(self) -> tuple[int, str]:
-        self._tar.close()
-        return self._hash.bytes, self._hash.sha256.hexdigest()
+        end = b"\0" * (2 * BLOCK)
+        total = self.bytes + len(end)
+        self._write(end + b"\0" * (-total % RECORD))
+        return self.bytes, self._sha.hexdigest()

@@ -32,9 +32,10 @@ class HashingReader(io.RawIOBase):
         return n
 
 
-def iter_tar_samples(fileobj, shard: str):
+def iter_tar_samples(fileobj, shard: str, offsets: list[int] | None = None):
     """(key, {suffix: bytes}) per sample, in tar order; raises ShardError on a truncated or
-    malformed tar and on a key whose members are not contiguous."""
+    malformed tar and on a key whose members are not contiguous. ``offsets``, if given,
+    receives the byte offset of each sample's first header."""
     seen: set[str] = set()
     key, members = None, {}
     try:
@@ -54,6 +55,8 @@ def iter_tar_samples(fileobj, shard: str):
                                          "(members must be contiguous)")
                     seen.add(k)
                     key, members = k, {}
+                    if offsets is not None:
+                        offsets.append(info.offset)
                 if suffix in members:
                     raise ShardError(f"{shard}: key {k!r} has member {suffix!r} twice")
                 members[suffix] = tar.extractfile(info).read()
@@ -106,8 +109,9 @@ def verify(url: str, splits: list[str] | None = None, decode: bool = True) -> Ve
                 raise ShardError(f"{shard}: listed in the manifest but missing")
             with fs.open(shard, "rb") as f:
                 reader = HashingReader(f)
-                keys = []
-                for key, members in iter_tar_samples(io.BufferedReader(reader, 1 << 20), shard):
+                keys, offsets = [], []
+                for key, members in iter_tar_samples(io.BufferedReader(reader, 1 << 20), shard,
+                                                     offsets):
                     keys.append(key)
                     check_sample(shard, key, members, manifest["dataset"], audio_format, decode)
                 while reader.read(1 << 20):  # hash the end-of-archive padding too
@@ -120,6 +124,10 @@ def verify(url: str, splits: list[str] | None = None, decode: bool = True) -> Ve
             if keys != entry["keys"] or len(keys) != entry["samples"]:
                 raise ShardError(f"{shard}: holds {len(keys)} samples, manifest lists "
                                  f"{entry['samples']} (keys differ)")
+            spans = entry.get("spans", [])
+            if [o for o, _ in spans] != offsets or any(
+                    a[0] + a[1] != b[0] for a, b in zip(spans, spans[1:])):
+                raise ShardError(f"{shard}: sample byte spans in the manifest do not match the tar")
             count += len(keys)
             report.shards += 1
             report.bytes += reader.bytes
