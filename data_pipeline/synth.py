@@ -132,6 +132,17 @@ def write_video(path: str, frames: list[Image.Image], wave: np.ndarray, fps: int
             container.mux(packet)
 
 
+def save_clip(frames: list[Image.Image], wave: np.ndarray, videos: bool, video_path: str,
+              frame_dir: str, wave_path: str, fps: int) -> None:
+    """One clip as an mp4 (``videos``) or as a frame directory + a wave ``.npy``."""
+    if videos:
+        write_video(video_path, frames, wave, fps=fps)
+        return
+    for k, img in enumerate(frames):
+        save_jpg(img, os.path.join(frame_dir, f"{k + 1:08d}.jpg"))
+    save_npy(wave, wave_path)
+
+
 def render_clip(rng, size: int, n_files: int, segments: int, visible,
                 official_sampling: bool = True) -> list[Image.Image]:
     """``n_files`` frames evenly over the clip; ``visible(t)`` lists the objects of segment t.
@@ -170,12 +181,8 @@ def synth_ave(out: str, n: int, rng: np.random.Generator, num_classes: int, size
                                  lambda t: [(c, num_classes, None)] if on(t) else [],
                                  official_sampling=not videos)
             wave = segment_audio(rng, 10, [[(c, num_classes)] if on(t) else [] for t in range(10)])
-            if videos:
-                write_video(os.path.join(out, "videos", vid + ".mp4"), frames, wave, fps=2)
-            else:
-                for k, img in enumerate(frames):
-                    save_jpg(img, os.path.join(out, "frames", vid, f"{k + 1:08d}.jpg"))
-                save_npy(wave, os.path.join(out, "wave", vid + ".npy"))
+            save_clip(frames, wave, videos, os.path.join(out, "videos", vid + ".mp4"),
+                      os.path.join(out, "frames", vid), os.path.join(out, "wave", vid + ".npy"), 2)
             rows.append(f"{cats[c]}&{vid}&good&{start}&{end}")
         with open(os.path.join(out, f"{split}Set.txt"), "w") as f:
             f.write("\n".join(rows) + "\n")
@@ -210,12 +217,8 @@ def synth_avvp(out: str, n: int, rng, num_classes: int, size: int, videos: bool)
             feats = rng.normal(0, 0.1, (10, 512)).astype(np.float32)
             for c, s, e in ev_v:
                 feats[s:e, c * 8:(c + 1) * 8] += 1.0
-            if videos:
-                write_video(os.path.join(out, "videos", name + ".mp4"), frames, wave, fps=1)
-            else:
-                for t, img in enumerate(frames):
-                    save_jpg(img, os.path.join(llp, "frame", ytid, f"{t + 1:08d}.jpg"))
-                save_npy(wave, os.path.join(llp, "wave", ytid + ".npy"))
+            save_clip(frames, wave, videos, os.path.join(out, "videos", name + ".mp4"),
+                      os.path.join(llp, "frame", ytid), os.path.join(llp, "wave", ytid + ".npy"), 1)
             save_npy(feats, os.path.join(llp, "feats", "r2plus1d_18", ytid + ".npy"))
             rows.append([name, ",".join(cats[c] for c in classes)])
             if split != "train":
@@ -328,12 +331,8 @@ def synth_avqa(out: str, n: int, rng, num_classes: int, size: int, videos: bool)
                                  lambda t: [(c, num_classes, slot) for c, slot in objects],
                                  official_sampling=not videos)
             wave = segment_audio(rng, 10, [[(objects[j][0], num_classes) for j in audible]] * 10)
-            if videos:
-                write_video(os.path.join(out, "videos", vid + ".mp4"), frames, wave, fps=2)
-            else:
-                for f_i, img in enumerate(frames):
-                    save_jpg(img, os.path.join(out, "frames", vid, f"{f_i + 1:08d}.jpg"))
-                save_npy(wave, os.path.join(out, "audio_wave", vid + ".npy"))
+            save_clip(frames, wave, videos, os.path.join(out, "videos", vid + ".mp4"),
+                      os.path.join(out, "frames", vid), os.path.join(out, "audio_wave", vid + ".npy"), 2)
             for qtype, text, values, answer in avqa_questions(rng, objects, audible):
                 if answer is None:  # the location question: is the stated side right?
                     target = [INSTRUMENTS[c % len(INSTRUMENTS)] for c, _ in objects].index(values[0])
