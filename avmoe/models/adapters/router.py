@@ -1,0 +1,71 @@
+"""Per-frame soft router of an MoE adapter and its load-balancing loss (spec §2.3).
+
+Input u = [mean_tokens(X) ; mean_tokens(Ŷ)]; MLP 2D -> 128 -> 32 -> E with ReLUs (PyTorch
+default init); w = softmax(logits) (+ N(0, sigma^2) logit noise in training, AVS only). Every
+expert is computed and mixed densely with w: there is no top-k; argmax(w) is telemetry only.
+
+Telemetry: each router accumulates, since the last reset, the sum of its routing weights and
+the argmax counts per expert (non-persistent buffers, so checkpoints are unaffected).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def load_balance_loss(probs: torch.Tensor, batchmean: bool = True) -> torch.Tensor:
+    """KL(U || p̄) = Σ_e (1/E)(log(1/E) - log p̄_e), p̄ = ``probs`` (N, E) averaged over N.
+
+    ``batchmean=True`` divides by E, as the official ``F.kl_div(p̄.log(), U, "batchmean")`` does
+    on a 1-D tensor (its "batch" dimension is the expert axis)."""
+    p_mean = probs.mean(0)
+    e = p_mean.numel()
+    kl = ((math.log(1.0 / e) - p_mean.log()) / e).sum()
+    return kl / e if batchmean else kl
+
+
+class Router(nn.Module):
+    def __init__(self, in_dim: int, num_experts: int, hidden: tuple[int, ...] = (128, 32),
+                 noise_std: float = 0.0):
+        super().__init__()
+        layers: list[nn.Module] = []
+        d = in_dim
+        for h in hidden:
+            layers += [nn.Linear(d, h), nn.ReLU()]
+            d = h
+        layers.append(nn.Linear(d, num_experts))
+        self.mlp = nn.Sequential(*layers)
+        self.noise_std = noise_std
+        self.num_experts = num_experts
+        self.register_buffer("stat_weight_sum", torch.zeros(num_experts), persistent=False)
+        self.register_buffer("stat_argmax_count", torch.zeros(num_experts, dtype=torch.long),
+                             persistent=False)
+        self.register_buffer("stat_samples", torch.zeros((), dtype=torch.long), persistent=False)
+
+    def forward(self, x_mean: torch.Tensor, y_mean: torch.Tensor) -> torch.Tensor:
+        """(N, D_x), (N, D_x) -> routing weights (N, E), rows summing to 1."""
+        logits = self.mlp(torch.cat([x_mean, y_mean], dim=-1))
+        if self.training and self.noise_std > 0:
+            logits = logits + torch.randn_like(logits) * self.noise_std
+        probs = torch.softmax(logits, dim=-1)
+        with torch.no_grad():
+            p = probs.detach()
+            self.stat_weight_sum += p.sum(0).to(self.stat_weight_sum.dtype)
+            # one_hot + sum rather than bincount: deterministic on CUDA
+            self.stat_argmax_count += F.one_hot(p.argmax(-1), self.num_experts).sum(0)
+            self.stat_samples += p.shape[0]
+        return probs
+
+    def stats(self) -> dict[str, torch.Tensor]:
+        n = self.stat_samples.clamp(min=1).to(self.stat_weight_sum.dtype)
+        return {"mean_weight": (self.stat_weight_sum / n).detach().cpu(),
+                "argmax_count": self.stat_argmax_count.detach().cpu().clone()}
+
+    def reset_stats(self) -> None:
+        self.stat_weight_sum.zero_()
+        self.stat_argmax_count.zero_()
+        self.stat_samples.zero_()

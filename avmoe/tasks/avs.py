@@ -1,0 +1,146 @@
+"""AVS (AVSBench-object): S4 single-source / MS3 multi-source segmentation (spec §3.3).
+
+Losses (``cfg.setting``):
+* S4: BCE(sigma(pred), GT) over the frames with a mask (``mask_valid``: the first frame of
+  each train video; every frame when ``mask_valid`` is absent);
+* MS3: the same BCE over the valid frames + 0.5 AVM-KL + 0.01 * load balance. AVM-KL per
+  scale: sigma(pred) adaptive-average-pooled to the map size, masked mean of the (ReLU'd, see
+  the head) TPAVI map -> f_v; KL(softmax(f_a) || softmax(f_v)) sum-reduced; averaged over the
+  4 scales (AVSBench ``A_MaskedV_SimmLoss``, sigmoid before pooling, no feature normalisation).
+
+BCE is computed from logits (``binary_cross_entropy_with_logits``) instead of sigma then BCE:
+the same value without saturation. Predictions are resized (bilinear) to the GT mask size when
+they differ. Metric: mIoU and F-score of the official evaluation, accumulated in test batches
+of ``eval_videos_per_batch`` videos (4, the AVSBench test batch) in arrival order; primary "miou".
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from avmoe.config import (
+    AVSConfig, apply_overrides, paper_audio, paper_visual,
+    tiny_adapter, tiny_audio, tiny_temporal, tiny_visual,
+)
+from avmoe.tasks.base import MetricAccumulator, Task
+
+
+def _to_size(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(B, T, h, w) -> (B, T, H, W) bilinear."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
+def _valid(batch, b: int, t: int, device) -> torch.Tensor:
+    v = batch.targets.get("mask_valid")
+    return torch.ones(b, t, dtype=torch.bool, device=device) if v is None else v.to(device, torch.bool)
+
+
+def avm_kl(mask_logits: torch.Tensor, v_maps: list[torch.Tensor], a_feats: list[torch.Tensor]) -> torch.Tensor:
+    probs = torch.sigmoid(mask_logits.flatten(0, 1).unsqueeze(1))  # (BT, 1, H, W)
+    total = mask_logits.new_zeros(())
+    for v_map, a in zip(v_maps, a_feats):
+        pooled = F.adaptive_avg_pool2d(probs, v_map.shape[-2:])
+        f_v = (v_map * pooled).mean((-2, -1))  # (BT, C)
+        total = total + F.kl_div(F.log_softmax(f_v, -1), F.softmax(a, -1), reduction="sum")
+    return total / len(v_maps)
+
+
+class AVSAccumulator(MetricAccumulator):
+    """mIoU / F-score per test batch of k videos (their valid frames), mean over batches."""
+
+    def __init__(self, videos_per_batch: int | None = 4) -> None:
+        self.k = videos_per_batch
+        super().__init__()
+
+    def reset(self) -> None:
+        self.pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # per video (frames, H, W)
+        self.miou: list[float] = []
+        self.fscore: list[float] = []
+
+    def _flush(self) -> None:
+        from avmoe.metrics import avs_fscore, avs_miou
+
+        if not self.pending:
+            return
+        prob = torch.cat([p for p, _ in self.pending])
+        gt = torch.cat([g for _, g in self.pending])
+        self.pending = []
+        if len(gt):
+            self.miou.append(avs_miou(prob, gt, videos_per_batch=None))
+            self.fscore.append(avs_fscore(prob, gt, videos_per_batch=None))
+
+    def update(self, preds: dict[str, Any], batch) -> None:
+        prob = preds["mask_prob"].float()
+        gt = batch.targets["masks"].cpu().float()
+        prob = _to_size(prob, gt.shape[-2:])
+        valid = _valid(batch, *gt.shape[:2], "cpu")
+        for i in range(gt.shape[0]):
+            self.pending.append((prob[i][valid[i]], gt[i][valid[i]]))
+            if self.k is not None and len(self.pending) == self.k:
+                self._flush()
+
+    def compute(self) -> dict[str, float]:
+        self._flush()
+        if not self.miou:
+            return {"miou": float("nan"), "fscore": float("nan")}
+        return {"miou": sum(self.miou) / len(self.miou), "fscore": sum(self.fscore) / len(self.fscore)}
+
+
+class AVSTask(Task):
+    name = "avs"
+    config_cls = AVSConfig
+    primary_metric = "miou"
+    preset_keys = ("setting",)
+
+    def make_preset(self, preset: str, setting: str = "s4") -> AVSConfig:
+        if setting not in ("s4", "ms3"):
+            raise ValueError(f"setting must be 's4' or 'ms3', got {setting!r}")
+        cfg = AVSConfig(setting=setting, visual=paper_visual(antialias=False), audio=paper_audio(),
+                        num_segments=5)
+        # released scripts: S4 test_v2.sh (2/2, stages 0 and 2, r 8); MS3 (2/2, stages 0 and 2, r 2,
+        # lb 0.01); no BN; audio adapters ungated (is_gate=0); router noise 0.01 in training
+        adapter = dict(num_cma=2, num_ua=2, num_skip=2, num_tokens=32, reduction=8, groups=2, use_bn=False,
+                       audio_gate=False, ua_variant="v2", router_noise=0.01, lb_weight=0.0)
+        optim = dict(lr=3e-4, scheduler="none", epochs=50, batch_size=2, grad_accum=4, seed=123, select_split="val")
+        if setting == "ms3":
+            adapter.update(reduction=2, lb_weight=0.01)
+            optim.update(lr=1.5e-4, epochs=60, grad_accum=1)
+            apply_overrides(cfg, {"gamma": 0.1, "avm_weight": 0.5})
+        apply_overrides(cfg, {"adapter": adapter, "optim": optim})
+        if preset == "official":
+            over: dict[str, Any] = {"backbone_train_mode": True, "audio.spec_augment": True, "audio.mixup": True,
+                                    "optim.select_split": "test"}
+            if setting == "s4":  # train_v2.sh: 1/1 experts, all 12 blocks, MHA ("v1") UA
+                over.update({"adapter.num_cma": 1, "adapter.num_ua": 1, "adapter.num_skip": 1,
+                             "adapter.ua_variant": "v1"})
+            apply_overrides(cfg, over)
+        elif preset == "tiny":
+            cfg.visual, cfg.audio, cfg.temporal = tiny_visual(antialias=False), tiny_audio(), tiny_temporal()
+            apply_overrides(cfg, {"adapter": tiny_adapter(num_skip=2, reduction=4 if setting == "s4" else 2),
+                                  "channels": 16, "map_sizes": (8, 4, 2, 1), "decoder_mid": 8,
+                                  "decoder_last": 4})
+        return cfg
+
+    def loss(self, out, batch, cfg):
+        logits = out["mask_logits"]
+        gt = batch.targets["masks"].to(logits.device, torch.float32)
+        logits_gt = _to_size(logits, gt.shape[-2:])
+        valid = _valid(batch, *gt.shape[:2], logits.device)
+        parts = {"bce": F.binary_cross_entropy_with_logits(logits_gt[valid], gt[valid])}
+        total = parts["bce"]
+        if cfg.setting == "ms3" and cfg.avm_weight:
+            parts["avm"] = avm_kl(logits, out["v_maps"], out["a_feats"])
+            total = total + cfg.avm_weight * parts["avm"]
+        total = self.add_load_balance(total, parts, out, cfg)
+        return total, self._floats(parts)
+
+    def predict(self, out, batch):
+        return {"mask_prob": torch.sigmoid(out["mask_logits"].detach()).cpu()}
+
+    def metric_accumulator(self, cfg):
+        return AVSAccumulator(cfg.eval_videos_per_batch)

@@ -1,0 +1,95 @@
+"""AVVP (LLP): weakly supervised audio-visual video parsing, 25 classes, MGN head (spec §3.2).
+
+Loss = BCE(p_av, y) + BCE(p_a, a y + (1-a)/2) + BCE(p_v, v y + (1-v)/2) with a = 1, v = 0.9
+(label smoothing on the visual target only) + CE(fc_cls(c_a), [0..24]) + CE(fc_cls(c_v), [0..24])
++ lb_weight (1.0) * load balance; probabilities clamped to [1e-7, 1 - 1e-7] (out of place: the
+code's ``clamp_`` is in place, same values and gradients). Works at any batch size.
+Metric: segment/event-level F1 of the official evaluation; primary "seg_type" (Type@AV).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from avmoe.config import (
+    AVVPConfig, apply_overrides, paper_audio, paper_visual,
+    tiny_adapter, tiny_audio, tiny_visual,
+)
+from avmoe.tasks.base import MetricAccumulator, Task
+
+
+class AVVPAccumulator(MetricAccumulator):
+    def reset(self) -> None:
+        self.parts: dict[str, list[np.ndarray]] = {k: [] for k in ("pa", "pv", "ga", "gv")}
+
+    def update(self, preds: dict[str, Any], batch) -> None:
+        from avmoe.metrics import avvp_binarize
+
+        video = np.asarray(preds["video_prob"])
+        # frame probs are (N, T, C); the official eval and the GT are (N, C, T)
+        for key, frame in (("pa", preds["audio_frame_prob"]), ("pv", preds["visual_frame_prob"])):
+            self.parts[key].append(avvp_binarize(np.asarray(frame), video, layout="NTC").transpose(0, 2, 1))
+        self.parts["ga"].append(batch.targets["gt_audio"].cpu().numpy())
+        self.parts["gv"].append(batch.targets["gt_visual"].cpu().numpy())
+
+    def compute(self) -> dict[str, float]:
+        from avmoe.metrics import avvp_scores
+
+        if not self.parts["pa"]:
+            return {}
+        pa, pv, ga, gv = (np.concatenate(self.parts[k]) for k in ("pa", "pv", "ga", "gv"))
+        return avvp_scores(pa, pv, ga, gv, layout="NCT")
+
+
+class AVVPTask(Task):
+    name = "avvp"
+    config_cls = AVVPConfig
+    primary_metric = "seg_type"
+
+    def make_preset(self, preset: str) -> AVVPConfig:
+        cfg = AVVPConfig(visual=paper_visual(), audio=paper_audio())
+        # released train.sh: 1/1 experts, all 12 paired blocks, K 32, r 8, G 2, no BN, gates on
+        apply_overrides(cfg, {"adapter": dict(num_cma=1, num_ua=1, num_skip=1, num_tokens=32, reduction=8,
+                                              groups=2, use_bn=False, audio_gate=True, ua_variant="v2",
+                                              lb_weight=1.0)})
+        apply_overrides(cfg, {"optim": dict(lr=3e-4, scheduler="step", step_size=10, gamma=0.1, epochs=40,
+                                            batch_size=1, grad_accum=8, seed=23, select_split="val")})
+        if preset == "official":
+            apply_overrides(cfg, {"adapter.ua_variant": "paramfree", "backbone_train_mode": True,
+                                  "audio.spec_augment": True, "audio.mixup": True})
+        elif preset == "tiny":
+            cfg.visual, cfg.audio = tiny_visual(), tiny_audio()
+            apply_overrides(cfg, {"adapter": tiny_adapter(num_skip=1), "dim": 16, "st_dim": 8, "depth_vis": 1,
+                                  "depth_aud": 1, "depth_av": 1, "num_heads": 2})
+        return cfg
+
+    def loss(self, out, batch, cfg):
+        y = batch.targets["video_labels"].to(out["video_prob"].device, torch.float32)
+        eps = cfg.clamp_eps
+
+        def bce(p, target):
+            return F.binary_cross_entropy(p.clamp(eps, 1 - eps), target)
+
+        a, v = cfg.audio_target_scale, cfg.visual_target_scale
+        cls_target = torch.arange(cfg.num_classes, device=y.device)
+        parts = {
+            "av": bce(out["video_prob"], y),
+            "a": bce(out["audio_prob"], a * y + (1 - a) * 0.5),
+            "v": bce(out["visual_prob"], v * y + (1 - v) * 0.5),
+            "cls_a": F.cross_entropy(out["audio_cls_logits"], cls_target),
+            "cls_v": F.cross_entropy(out["visual_cls_logits"], cls_target),
+        }
+        total = sum(parts.values())
+        total = self.add_load_balance(total, parts, out, cfg)
+        return total, self._floats(parts)
+
+    def predict(self, out, batch):
+        keys = ("video_prob", "audio_prob", "visual_prob", "audio_frame_prob", "visual_frame_prob")
+        return {k: out[k].detach().cpu() for k in keys}
+
+    def metric_accumulator(self, cfg):
+        return AVVPAccumulator()

@@ -1,0 +1,85 @@
+"""AVS task: S4 / MS3 heads and losses, AVM-KL, metric accumulation, overfitting."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(__file__))
+from model_fixtures import build_tiny, make_batch, overfit_losses, single_thread  # noqa: E402
+
+from avmoe.batch import AVBatch  # noqa: E402
+from avmoe.tasks import get_task  # noqa: E402
+from avmoe.tasks.avs import avm_kl  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with single_thread():
+        yield
+
+
+@pytest.mark.parametrize("setting", ["s4", "ms3"])
+def test_shapes_and_loss_parts(setting):
+    t, cfg, model = build_tiny("avs", setting=setting)
+    batch = make_batch("avs", cfg)
+    model.train()
+    out = model(batch)
+    assert out["mask_logits"].shape == (2, cfg.num_segments, cfg.mask_size, cfg.mask_size)
+    assert [m.shape[-1] for m in out["v_maps"]] == list(cfg.map_sizes)
+    assert all(a.shape == (2 * cfg.num_segments, cfg.channels) for a in out["a_feats"])
+    loss, parts = t.loss(out, batch, cfg)
+    assert set(parts) == ({"bce", "lb"} if setting == "s4" else {"bce", "avm", "lb"})
+    expected = parts["bce"] + (0.5 * parts["avm"] + 0.01 * parts["lb"] if setting == "ms3" else 0.0)
+    assert float(loss.detach()) == pytest.approx(expected, rel=1e-5)
+
+
+def test_s4_loss_uses_only_valid_frames_and_resizes():
+    t = get_task("avs")
+    cfg = t.config(preset="tiny")
+    logits = torch.randn(1, 3, 16, 16)
+    masks = (torch.rand(1, 3, 32, 32) > 0.5).to(torch.uint8)
+    valid = torch.tensor([[True, False, False]])
+    _, parts = t.loss({"mask_logits": logits, "lb_loss": torch.tensor(0.0)},
+                      AVBatch(None, None, {"masks": masks, "mask_valid": valid}), cfg)
+    up = F.interpolate(logits, size=(32, 32), mode="bilinear", align_corners=False)
+    ref = F.binary_cross_entropy(torch.sigmoid(up[0, 0]), masks[0, 0].float())
+    assert parts["bce"] == pytest.approx(float(ref), rel=1e-4)
+
+
+def test_avm_kl_by_hand():
+    logits = torch.zeros(1, 1, 4, 4)  # sigma = 0.5 everywhere
+    v_map = torch.ones(1, 2, 2, 2) * torch.tensor([1.0, 3.0]).view(1, 2, 1, 1)
+    a = torch.tensor([[0.0, 0.0]])
+    # f_v = 0.5 * (1, 3); KL(softmax(a) || softmax(f_v)) summed
+    p_a = torch.tensor([0.5, 0.5])
+    p_v = torch.softmax(torch.tensor([0.5, 1.5]), 0)
+    expected = float((p_a * (p_a.log() - p_v.log())).sum())
+    assert float(avm_kl(logits, [v_map], [a])) == pytest.approx(expected, rel=1e-5)
+
+
+def test_metric_accumulates_in_test_batches():
+    pytest.importorskip("avmoe.metrics")
+    from avmoe.metrics import avs_fscore, avs_miou
+
+    t = get_task("avs")
+    cfg = t.config(preset="tiny")
+    g = torch.Generator().manual_seed(0)
+    probs = torch.rand(6, 3, 8, 8, generator=g)
+    masks = (torch.rand(6, 3, 8, 8, generator=g) > 0.6).to(torch.uint8)
+    acc = t.metric_accumulator(cfg)
+    for i in range(0, 6, 2):  # loader batches of 2 videos; AVSBench test batches of 4 videos
+        acc.update({"mask_prob": probs[i:i + 2]}, AVBatch(None, None, {"masks": masks[i:i + 2]}))
+    res = acc.compute()
+    assert res["miou"] == pytest.approx(avs_miou(probs, masks.float(), videos_per_batch=4), abs=1e-6)
+    assert res["fscore"] == pytest.approx(avs_fscore(probs, masks.float(), videos_per_batch=4), abs=1e-6)
+
+
+@pytest.mark.parametrize("setting", ["s4", "ms3"])
+def test_overfits_a_fixed_batch(setting):
+    losses = overfit_losses("avs", steps=15, lr=3e-3, setting=setting)
+    assert losses[-1] <= 0.5 * losses[0], losses
