@@ -18,12 +18,15 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	$(BIN)/python -c "import torch, torchaudio, timm, ray, deepspeed, webdataset; print('stack ok: torch', torch.__version__, 'ray', ray.__version__)"
 	rm -f $(VENV)/.installed-* && touch $@
 
-# Generate a synthetic AVE dataset, pack it, verify and inspect the shards, and (once the
-# trainer lands) train the tiny AVE preset on an embedded local Ray on CPU.
+# Generate a synthetic AVE dataset, pack it, verify and inspect the shards, then train the tiny
+# AVE preset on them: jobs/ave.py with no arguments (embedded loopback Ray, 2 CPU workers, ZeRO 0);
+# it prints the per-epoch, best-on-validation and test metrics.
 demo: venv
 	scripts/loopback $(BIN)/python -m data_pipeline.demo --out $(DEMO_DIR)
+	AVMOE_DEMO_DIR=$(DEMO_DIR) scripts/loopback $(BIN)/python jobs/ave.py
 
 test: venv
+	scripts/install-prometheus
 	scripts/loopback $(BIN)/python -m pytest -q -ra tests
 
 clean-data:

@@ -23,6 +23,7 @@ LOOPBACK_VARS = {
     "AWS_EC2_METADATA_DISABLED": "true",
     "HF_HUB_OFFLINE": "1",
     "RAY_DEDUP_LOGS": "0",
+    "AVMOE_METRICS_ADDR": "127.0.0.1",  # worker /metrics servers bind loopback only
 }
 
 

@@ -31,6 +31,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def stop_process(proc, timeout: float = 30) -> None:
+    """SIGTERM a child we started (never `ray stop` / pkill: other runs share the machine),
+    SIGKILL if it does not exit in time."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=30)
+
+
 @pytest.fixture(scope="session")
 def synth_root(tmp_path_factory):
     """One small synthetic dataset per layout, shared by the packer tests (read-only)."""

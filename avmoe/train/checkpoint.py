@@ -1,0 +1,75 @@
+"""Checkpoint contents (one Ray Train checkpoint = every rank's files merged in one directory):
+
+* ``ds/`` -- DeepSpeed ``save_checkpoint(tag="state", exclude_frozen_parameters=True)``: the
+  trainable parameters only (the frozen backbones are rebuilt from the preset / local weight
+  files), optimizer state (partitioned per rank under ZeRO >= 1), LR scheduler, step counters;
+* ``rank-R.json`` -- written by each rank: its ingest state (``ShardStream.state``) and its RNG
+  states (torch, numpy, python), as JSON;
+* ``trainer.json`` -- rank 0: epoch, batches consumed in it, optimiser step, best-on-validation,
+  per-epoch history, and ``meta`` (ZeRO stage, world size, task, config) for ``--eval-only``.
+
+No pickle is trusted on load: DeepSpeed's files are read with ``torch.load(weights_only=True)``
+(``avmoe.train.engine.safe_load``); everything else is JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import torch
+
+TAG = "state"
+
+
+def save(engine, d: str, rank: int, *, trainer: dict[str, Any], rank_state: dict[str, Any],
+         meta: dict[str, Any]) -> None:
+    # collective: every rank writes its own shard of the DeepSpeed state
+    engine.save_checkpoint(os.path.join(d, "ds"), tag=TAG, client_state={},
+                           exclude_frozen_parameters=True)
+    with open(os.path.join(d, f"rank-{rank}.json"), "w") as f:
+        json.dump(rank_state, f)
+    if rank == 0:
+        with open(os.path.join(d, "trainer.json"), "w") as f:
+            json.dump({"trainer": trainer, "meta": meta}, f, default=float)
+
+
+def read_meta(d: str) -> dict[str, Any]:
+    path = os.path.join(d, "trainer.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{d} is not an avmoe checkpoint (no trainer.json)")
+    with open(path) as f:
+        return json.load(f)
+
+
+def load(engine, d: str, rank: int) -> dict[str, Any]:
+    """Restore the engine from checkpoint directory ``d``; returns trainer + this rank's state."""
+    meta = read_meta(d)
+    world = engine.world_size if hasattr(engine, "world_size") else 1
+    saved_world = meta["meta"].get("world_size")
+    stage = meta["meta"].get("zero_stage")
+    if stage != engine.zero_optimization_stage() or (stage and saved_world != world):
+        raise ValueError(f"checkpoint {d} was written with ZeRO stage {stage} on {saved_world} workers; "
+                         f"this run has stage {engine.zero_optimization_stage()} on {world} workers "
+                         f"(use the same --zero-stage and --workers)")
+    path, _ = engine.load_checkpoint(os.path.join(d, "ds"), tag=TAG, load_module_strict=False,
+                                     load_optimizer_states=True, load_lr_scheduler_states=True)
+    if path is None:
+        raise FileNotFoundError(f"no DeepSpeed state under {d}/ds")
+    rank_file = os.path.join(d, f"rank-{rank}.json")
+    rank_state: dict[str, Any] = {}
+    if os.path.exists(rank_file):
+        with open(rank_file) as f:
+            rank_state = json.load(f)
+    return {"trainer": meta["trainer"], "meta": meta["meta"], "rank": rank_state}
+
+
+def trainable_state(d: str) -> dict[str, torch.Tensor]:
+    """The trainable parameters saved in a ZeRO 0-2 checkpoint directory (tests, tooling),
+    read with ``weights_only=True``."""
+    from avmoe.train.engine import safe_load
+
+    path = os.path.join(d, "ds", TAG, "mp_rank_00_model_states.pt")
+    sd = safe_load(path, map_location="cpu")
+    return dict(sd["module"])
