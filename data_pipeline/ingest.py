@@ -646,6 +646,13 @@ class ShardStream:
             ctx.execution_options.resource_limits = \
                 ctx.execution_options.resource_limits.copy(
                     object_store_memory=int(self.cfg.object_store_budget))
+        # One block per plan batch: Ray Data otherwise coalesces a task's yields into blocks of
+        # up to 128 MiB (its default target_max_block_size), so prefetch_batches would count
+        # 128 MiB blocks, not batches, and the consumer's memory would follow the frame size
+        # times shuffle_buffer. The threshold is the fixed-size columns of one batch; the key
+        # and error columns push every full batch over it, so each yield is emitted as is.
+        ctx.target_max_block_size = max(1, sum(
+            v.nbytes for v in empty_columns(self.spec, self.cfg.batch_size).values()))
         ctx.enable_progress_bars = False
         ctx.print_on_execution_start = False
         return ds
