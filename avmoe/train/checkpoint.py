@@ -6,7 +6,8 @@
 * ``rank-R.json`` -- written by each rank: its ingest state (``ShardStream.state``) and its RNG
   states (torch, numpy, python), as JSON;
 * ``trainer.json`` -- rank 0: epoch, batches consumed in it, optimiser step, best-on-validation,
-  per-epoch history, and ``meta`` (ZeRO stage, world size, task, config) for ``--eval-only``.
+  per-epoch history, and ``meta`` (ZeRO stage, world size, task, config) for ``--eval-only``
+  (stage 0-2 checkpoints: only the weights, ``load_weights``, on any worker count).
 
 No pickle is trusted on load: DeepSpeed's files are read with ``torch.load(weights_only=True)``
 (``avmoe.train.engine.safe_load``); everything else is JSON.
@@ -63,6 +64,24 @@ def load(engine, d: str, rank: int) -> dict[str, Any]:
         with open(rank_file) as f:
             rank_state = json.load(f)
     return {"trainer": meta["trainer"], "meta": meta["meta"], "rank": rank_state}
+
+
+def load_weights(module: torch.nn.Module, d: str) -> dict[str, Any]:
+    """Only the trainable weights of a ZeRO 0-2 checkpoint into ``module`` (``--eval-only`` on
+    any worker count); returns trainer + meta like ``load``."""
+    meta = read_meta(d)
+    stage = meta["meta"].get("zero_stage")
+    if stage is None or stage > 2:
+        raise ValueError(f"checkpoint {d} was written with ZeRO stage {stage}: its weights are "
+                         f"partitioned; evaluate it with load() on the same layout")
+    sd = trainable_state(d)
+    result = module.load_state_dict(sd, strict=False)
+    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+    missing = sorted(trainable & set(result.missing_keys))
+    if result.unexpected_keys or missing:
+        raise ValueError(f"checkpoint {d} does not fit this model: unexpected "
+                         f"{sorted(result.unexpected_keys)[:5]}, missing trainable {missing[:5]}")
+    return {"trainer": meta["trainer"], "meta": meta["meta"], "rank": {}}
 
 
 def trainable_state(d: str) -> dict[str, torch.Tensor]:

@@ -239,7 +239,10 @@ def run_worker(config: dict[str, Any], session: Session) -> None:
     ctx = session.open_checkpoint_path(source) if source else session.latest_checkpoint()
     with ctx as ckdir:
         if ckdir:
-            meta = ckpt_io.load(engine, ckdir, rank)
+            if eval_only and tcfg.zero_stage != 3:  # prepare() chose plain DP for a ZeRO 0-2 checkpoint
+                meta = ckpt_io.load_weights(module, ckdir)
+            else:
+                meta = ckpt_io.load(engine, ckdir, rank)
             state = RunState(**meta["trainer"])
             train_ingest_state = meta["rank"].get("ingest")
             if not eval_only:

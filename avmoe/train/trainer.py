@@ -74,11 +74,17 @@ def prepare(tcfg: TrainConfig) -> TrainConfig:
         if saved.task != tcfg.task or (saved.setting or None) != (tcfg.setting or None) and tcfg.task == "avs":
             raise ConfigError(f"eval_only: the checkpoint is a {meta['task']} model; this job is "
                               f"{tcfg.task_name}")
-        # the model must be rebuilt exactly as trained, on the same ZeRO layout
-        tcfg = dataclasses.replace(tcfg, preset=saved.preset, model=dict(saved.model), zero_stage=saved.zero_stage,
-                                   workers=int(meta["world_size"]), batch_size=saved.batch_size,
-                                   grad_accum=saved.grad_accum, optimizer=saved.optimizer, seed=saved.seed,
-                                   data=tcfg.data or saved.data)
+        # the model is rebuilt exactly as trained (preset, overrides, and the seed that drew any
+        # randomly initialised frozen weights)
+        tcfg = dataclasses.replace(tcfg, preset=saved.preset, model=dict(saved.model), seed=saved.seed,
+                                   optimizer=saved.optimizer, data=tcfg.data or saved.data)
+        if int(meta["zero_stage"]) <= 2:
+            # ZeRO 0-2 keep the whole trainable weights in one file: evaluate with plain data
+            # parallelism on this run's --workers, whatever the training layout was
+            tcfg = dataclasses.replace(tcfg, zero_stage=0)
+        else:  # ZeRO 3 partitions the weights: the same layout as trained
+            tcfg = dataclasses.replace(tcfg, zero_stage=3, workers=int(meta["world_size"]),
+                                       batch_size=saved.batch_size, grad_accum=saved.grad_accum)
     tcfg.validate()
     splits = [tcfg.test_split] if tcfg.eval_only else [tcfg.train_split, tcfg.val_split] + (
         [tcfg.test_split] if tcfg.test else [])
