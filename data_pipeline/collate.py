@@ -185,9 +185,10 @@ def to_avbatch(cols: dict[str, np.ndarray], keep: np.ndarray | None, meta: dict)
     def tensor(a: np.ndarray) -> torch.Tensor:
         if keep is not None:
             a = a[keep]  # fancy indexing copies: writable
-        if not a.flags.writeable or not a.flags.c_contiguous:
-            a = np.ascontiguousarray(a).copy() if not a.flags.writeable else \
-                np.ascontiguousarray(a)
+        if not a.flags.writeable:
+            a = a.copy(order="C")  # one copy, contiguous and writable
+        elif not a.flags.c_contiguous:
+            a = np.ascontiguousarray(a)
         return torch.from_numpy(a)
 
     keys = [str(k) for k in (cols[KEY] if keep is None else cols[KEY][keep])]

@@ -60,16 +60,19 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 import numpy as np
+import simplejpeg
 
 from data_pipeline import storage
 from data_pipeline.collate import (
     AUDIO, ERR_MEMBER, ERR_SHARD, ERROR, FRAMES, KEY, OK, TARGET_PREFIX, LabelError, SampleSpec,
     TargetEncoder, empty_columns, to_avbatch)
-from data_pipeline.errors import DataPipelineError
+from data_pipeline import verify
+from data_pipeline.decode import decode_flac, decode_npy, decode_png_mask
+from data_pipeline.errors import DataPipelineError, ShardError
 from data_pipeline.plan import SplitIndex, epoch_order, num_full_batches, rank_plan
 from data_pipeline.schema import (
     AUDIO_FLAC_MEMBER, AUDIO_NPY_MEMBER, FEATURES_MEMBER, FORBIDDEN_SUFFIXES, LABELS_MEMBER,
-    SCHEMA_VERSION, expected_members, frame_member, manifest_name, mask_member)
+    expected_members, frame_member, manifest_name, mask_member)
 
 log = logging.getLogger("data_pipeline.ingest")
 
@@ -140,18 +143,11 @@ class IngestConfig:
 
 # ============================================================================== manifest
 def load_manifest(url: str, split: str, storage_options: dict | None = None) -> dict:
-    fs, path = storage.filesystem(url, **(storage_options or {}))
-    murl = storage.join(path, manifest_name(split))
+    murl = storage.join(storage.filesystem(url, **(storage_options or {}))[1], manifest_name(split))
     try:
-        manifest = json.loads(fs.cat_file(murl))
-    except FileNotFoundError:
-        raise IngestError(f"{url}: no manifest {manifest_name(split)} (is the split packed, and "
-                          "finished? the manifest is written last)", shard=murl) from None
-    except json.JSONDecodeError as e:
-        raise IngestError(f"{murl}: not valid JSON ({e})", shard=murl) from None
-    if manifest.get("schema_version") != SCHEMA_VERSION:
-        raise IngestError(f"{murl}: schema_version {manifest.get('schema_version')!r} (this avmoe "
-                          f"reads version {SCHEMA_VERSION})", shard=murl)
+        manifest = verify.load_manifest(url, split, storage_options)
+    except ShardError as e:
+        raise IngestError(str(e), shard=murl) from None
     for fld in ("dataset", "split", "segments", "options", "shards", "num_samples"):
         if fld not in manifest:
             raise IngestError(f"{murl}: manifest has no {fld!r} field", shard=murl)
@@ -162,7 +158,7 @@ def load_manifest(url: str, split: str, storage_options: dict | None = None) -> 
     return manifest
 
 
-def worker_env(url: str, storage_options: dict | None = None) -> dict | None:
+def worker_env(url: str) -> dict | None:
     """A runtime_env forwarding the driver's S3 settings to decode tasks: Ray workers started
     before the variables were set (a long-lived local Ray, tests) would not see them.
     On a cluster whose nodes have their own credentials the driver has none and this is None."""
@@ -268,11 +264,6 @@ class SampleDecoder:
     def __init__(self, spec: SampleSpec):
         self.spec = spec
         self.targets = TargetEncoder(spec)
-        try:
-            import simplejpeg
-            self._sj = simplejpeg
-        except ImportError:  # pragma: no cover - simplejpeg is pinned
-            self._sj = None
 
     def decode_into(self, buf: memoryview, key: str, cols: dict, i: int) -> None:
         s = self.spec
@@ -315,8 +306,6 @@ class SampleDecoder:
                            f"{feats.dtype} {tuple(feats.shape)}")
             cols[TARGET_PREFIX + "features"][i] = feats
         if s.dataset.startswith("avs"):
-            from data_pipeline.decode import decode_png_mask
-
             masks = cols[TARGET_PREFIX + "masks"][i]
             masks[:] = 0
             for t in range(int(labels.get("num_masks", 0))):
@@ -338,19 +327,11 @@ class SampleDecoder:
 
     def _jpeg(self, data: memoryview, name: str, out: np.ndarray, size: int) -> None:
         try:
-            if self._sj is not None:
-                h, w, _, _ = self._sj.decode_jpeg_header(data)
-                if (h, w) != (size, size):
-                    raise _Bad(name, f"frame is {w}x{h}, manifest frame_size {size}")
-                # strict: libjpeg's recoverable warnings (corrupt data) are errors, not grey
-                self._sj.decode_jpeg(data, colorspace="RGB", buffer=out, strict=True)
-            else:  # pragma: no cover
-                from data_pipeline.decode import decode_jpeg
-
-                img = decode_jpeg(bytes(data))
-                if img.shape != out.shape:
-                    raise _Bad(name, f"frame is {img.shape}, manifest frame_size {size}")
-                out[...] = img
+            h, w, _, _ = simplejpeg.decode_jpeg_header(data)
+            if (h, w) != (size, size):
+                raise _Bad(name, f"frame is {w}x{h}, manifest frame_size {size}")
+            # strict: libjpeg's recoverable warnings (corrupt data) are errors, not grey
+            simplejpeg.decode_jpeg(data, colorspace="RGB", buffer=out, strict=True)
         except _Bad:
             raise
         except Exception as e:
@@ -359,17 +340,14 @@ class SampleDecoder:
     @staticmethod
     def _npy(data: memoryview, name: str) -> np.ndarray:
         try:
-            return np.load(io.BytesIO(data), allow_pickle=False)
+            return decode_npy(data)
         except Exception as e:
             raise _Bad(name, f"does not load as .npy ({type(e).__name__}: {e})") from None
 
     @staticmethod
     def _flac(data: memoryview) -> np.ndarray:
         try:
-            import soundfile as sf
-
-            wave, _ = sf.read(io.BytesIO(data), dtype="int16")
-            return wave
+            return decode_flac(data)
         except Exception as e:
             raise _Bad(AUDIO_FLAC_MEMBER, f"does not decode as FLAC ({type(e).__name__}: {e})") \
                 from None
@@ -387,7 +365,7 @@ def _fetch(fs, base: str, items: list[list], max_gap: int) -> dict[int, memoryvi
     for it in sorted(items, key=lambda x: (x[1], x[3])):
         path = storage.join(base, it[1])
         start, end = it[3], it[3] + it[4]
-        if runs and runs[-1][0] == path and start - runs[-1][2] <= max_gap and start >= runs[-1][1]:
+        if runs and runs[-1][0] == path and start - runs[-1][2] <= max_gap:
             p, s0, e0, its = runs[-1]
             runs[-1] = (p, s0, max(e0, end), its + [it])
         else:
@@ -487,7 +465,6 @@ class ShardStream:
                               f"manifest num_samples {self.manifest['num_samples']}")
         self.spec = SampleSpec.from_manifest(self.manifest)
         self.skipped_total = 0
-        self.skipped_recent: list[str] = []  # the last 100 skip messages
         self._origin: dict[int, tuple[int, int]] = {}  # epoch -> (start position, first index)
         self._orders: dict[int, np.ndarray] = {}
         if cfg.drop_last and self.batches_per_epoch == 0:
@@ -626,7 +603,7 @@ class ShardStream:
             remote["num_gpus"] = res.pop("GPU")
         if res:
             remote["resources"] = res
-        env = worker_env(self.cfg.url, self.cfg.storage_options)
+        env = worker_env(self.cfg.url)
         if env:
             remote["runtime_env"] = env
         local = storage.is_local(self.cfg.url)
@@ -699,9 +676,7 @@ class ShardStream:
                                   key=got[first_bad],
                                   member=str(cols[ERR_MEMBER][first_bad]) or None)
             for i in bad:
-                msg = str(cols[ERROR][i])
-                log.warning("skipped bad sample: %s", msg)
-                self.skipped_recent = (self.skipped_recent + [msg])[-100:]
+                log.warning("skipped bad sample: %s", cols[ERROR][i])
             self.skipped_total += len(bad)
             keep = ok
         meta = {"epoch": epoch, "batch_index": index, "rank": self.rank,
@@ -730,7 +705,7 @@ def read_split(url: str, split: str = "train", *, read_concurrency: int | None =
         filesystem = pafs.LocalFileSystem()
     else:
         filesystem = pafs.PyFileSystem(pafs.FSSpecHandler(fs))
-    env = worker_env(url, storage_options)
+    env = worker_env(url)
     if env:
         read_args.setdefault("runtime_env", env)
     return ray.data.read_webdataset(

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from data_pipeline import storage
 from data_pipeline.decode import decode_member
 from data_pipeline.errors import ShardError
-from data_pipeline.schema import SCHEMA_VERSION, expected_members
+from data_pipeline.schema import SCHEMA_VERSION, expected_members, manifest_name
 
 
 class HashingReader(io.RawIOBase):
@@ -73,14 +73,20 @@ class VerifyReport:
     bytes: int = 0
 
 
-def load_manifest(url: str, split: str) -> dict:
-    fs, path = storage.filesystem(url)
-    murl = storage.join(path, f"{split}.manifest.json")
-    if not fs.exists(murl):
-        raise ShardError(f"{url}: no manifest {split}.manifest.json")
-    manifest = json.loads(fs.cat_file(murl))
+def load_manifest(url: str, split: str, storage_options: dict | None = None) -> dict:
+    """``{split}.manifest.json`` at ``url``, schema version checked (the streaming ingest adds
+    its own field checks on top: ``data_pipeline.ingest.load_manifest``)."""
+    fs, path = storage.filesystem(url, **(storage_options or {}))
+    murl = storage.join(path, manifest_name(split))
+    try:
+        manifest = json.loads(fs.cat_file(murl))
+    except FileNotFoundError:
+        raise ShardError(f"{url}: no manifest {manifest_name(split)} (is the split packed, and "
+                         "finished? the manifest is written last)") from None
+    except json.JSONDecodeError as e:
+        raise ShardError(f"{murl}: not valid JSON ({e})") from None
     if manifest.get("schema_version") != SCHEMA_VERSION:
-        raise ShardError(f"{murl}: schema_version {manifest.get('schema_version')} (this "
+        raise ShardError(f"{murl}: schema_version {manifest.get('schema_version')!r} (this "
                          f"avmoe reads version {SCHEMA_VERSION})")
     return manifest
 

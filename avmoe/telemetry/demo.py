@@ -25,7 +25,7 @@ def run_instrumented_loop(metrics: WorkerMetrics, model: nn.Module, loss_fn: Cal
                           validate: Callable[[], tuple[str, float]] | None = None,
                           steps_per_epoch: int = 5, checkpoint_every: int = 5,
                           checkpoint_dir: str | None = None, stop: threading.Event | None = None,
-                          measure_flops: bool = True, on_step: Callable[[int], None] | None = None) -> int:
+                          on_step: Callable[[int], None] | None = None) -> int:
     """Train ``steps`` steps feeding ``metrics`` the way a trainer should; returns steps done.
 
     Timing convention (see WorkerMetrics.observe_step): the step clock runs from the end of the
@@ -44,7 +44,7 @@ def run_instrumented_loop(metrics: WorkerMetrics, model: nn.Module, loss_fn: Cal
         t_wait = time.perf_counter()
         batch = next(batches)
         wait = time.perf_counter() - t_wait
-        if step == 0 and measure_flops:
+        if step == 0:
             # once, on the real graph, before the first optimizer step (contract: trainer does the same)
             metrics.set_flops_per_sample(flops_per_sample(model, loss_fn, batch))
             last = time.perf_counter()  # the measurement is not part of the step time
@@ -59,8 +59,7 @@ def run_instrumented_loop(metrics: WorkerMetrics, model: nn.Module, loss_fn: Cal
         cur_lr = sched.get_last_lr()[0]
         sched.step()
         now = time.perf_counter()
-        bs = batch.frames.shape[0] if hasattr(batch, "frames") else 1
-        metrics.observe_step(samples=bs, step_seconds=now - last, data_wait_seconds=wait,
+        metrics.observe_step(samples=batch.batch_size, step_seconds=now - last, data_wait_seconds=wait,
                              loss=loss.detach(), lr=cur_lr, grad_norm=gnorm)
         metrics.set_router_usage(model.router_stats())
         model.reset_router_stats()

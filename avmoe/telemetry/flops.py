@@ -25,7 +25,6 @@ from torch import nn
 # Sources: NVIDIA datasheets; pytorch/torchtitan torchtitan/tools/utils.py get_peak_flops.
 PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
     ("h200", 989e12),
-    ("gh200", 989e12),
     ("h100 nvl", 835e12),
     ("h100 pcie", 756e12),
     ("h100", 989e12),  # SXM (e.g. "NVIDIA H100 80GB HBM3")
@@ -69,23 +68,6 @@ def current_device_peak() -> tuple[str | None, float | None]:
     return name, peak_flops_for(name)
 
 
-def _batch_size(batch: Any) -> int:
-    for attr in ("frames", "audio"):
-        t = getattr(batch, attr, None)
-        if isinstance(t, torch.Tensor):
-            return int(t.shape[0])
-    keys = getattr(batch, "keys", None)
-    if isinstance(keys, (list, tuple)) and keys:
-        return len(keys)
-    if isinstance(batch, torch.Tensor):
-        return int(batch.shape[0])
-    if isinstance(batch, dict):
-        for v in batch.values():
-            if isinstance(v, torch.Tensor):
-                return int(v.shape[0])
-    raise ValueError(f"cannot infer the batch size of {type(batch).__name__}; pass batch_size=")
-
-
 @contextlib.contextmanager
 def _preserved_state(model: nn.Module):
     """Leave no trace of the measurement: buffers (router telemetry, norm running stats) and the
@@ -113,7 +95,7 @@ def flops_per_sample(model: nn.Module, loss_fn: Callable[[nn.Module, Any], torch
     """
     from torch.utils.flop_counter import FlopCounterMode
 
-    n = batch_size if batch_size is not None else _batch_size(batch)
+    n = batch_size if batch_size is not None else batch.batch_size  # an AVBatch unless given
     if n <= 0:
         raise ValueError("batch_size must be positive")
     trainable = [p for p in model.parameters() if p.requires_grad]

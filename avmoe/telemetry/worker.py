@@ -179,7 +179,8 @@ class WorkerMetrics:
         self._lock = threading.Lock()
         self._window: collections.deque = collections.deque(maxlen=max(1, int(window)))
         self._flops_per_sample: float | None = None
-        self._device_name, self._peak = current_device_peak() if self.enabled else (None, None)
+        self._skipped_seen = 0  # the running total last exported
+        self._peak = current_device_peak()[1] if self.enabled else None
         self.registry = CollectorRegistry()
         self._lv = (self.job, self.task, str(self.rank), self.node)
         self._m: dict[str, Any] = {}
@@ -339,17 +340,11 @@ class WorkerMetrics:
         self._g("avmoe_validation_metric", str(metric)).set(_f(value))
 
     @_safe
-    def add_skipped(self, n: int) -> None:
-        if int(n) > 0:
-            self._g("avmoe_skipped_samples_total").inc(int(n))
-
-    @_safe
     def set_skipped_total(self, total: int) -> None:
         """For callers holding a running total (``stream.skipped_total``): adds the increase."""
-        c = self._g("avmoe_skipped_samples_total")
-        cur = c._value.get()  # prometheus_client keeps the value here; no public getter
-        if total > cur:
-            c.inc(total - cur)
+        if total > self._skipped_seen:
+            self._g("avmoe_skipped_samples_total").inc(total - self._skipped_seen)
+            self._skipped_seen = total
 
     @_safe
     def observe_checkpoint_save(self, seconds: float) -> None:
@@ -377,14 +372,6 @@ class WorkerMetrics:
                         self._g("avmoe_router_expert_top1_ratio", str(adapter), str(e)).set(v / total)
 
     # ------------------------------------------------------------------ introspection
-
-    def metric_names(self) -> set[str]:
-        """Every sample name this instance can export (counters incl. _total), GPU ones included."""
-        return set(METRICS) | set(GPU_METRICS)
-
-    @property
-    def device_name(self) -> str | None:
-        return self._device_name
 
     @property
     def peak_flops(self) -> float | None:

@@ -37,11 +37,14 @@ def save(engine, d: str, rank: int, *, trainer: dict[str, Any], rank_state: dict
 
 
 def read_meta(d: str) -> dict[str, Any]:
-    path = os.path.join(d, "trainer.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{d} is not an avmoe checkpoint (no trainer.json)")
-    with open(path) as f:
-        return json.load(f)
+    """``trainer.json`` of checkpoint ``d`` (a local directory or any fsspec URL)."""
+    from data_pipeline import storage
+
+    fs, path = storage.filesystem(d)
+    try:
+        return json.loads(fs.cat_file(storage.join(path, "trainer.json")))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{d} is not an avmoe checkpoint (no trainer.json)") from None
 
 
 def load(engine, d: str, rank: int) -> dict[str, Any]:

@@ -71,7 +71,7 @@ def config_from_args(task: str, argv: list[str] | None) -> tuple[TrainConfig, bo
                       storage=os.path.abspath(os.environ.get("AVMOE_STORAGE", "runs")))
     synthetic = "data" not in given and "eval_only" not in given and not on_cluster()
     if synthetic:
-        apply(cfg, {k: v for k, v in EMBEDDED_DEFAULTS[task].items()})
+        apply(cfg, EMBEDDED_DEFAULTS[task])
     apply(cfg, given)
     apply(cfg, parse_overrides(args.overrides))
     if args.no_test:

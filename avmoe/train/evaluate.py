@@ -58,7 +58,7 @@ def manifest_order(stream) -> dict[str, int]:
 
 @torch.no_grad()
 def evaluate(engine, task, cfg, stream, *, device, drop: str | None = None, limit: int | None = None,
-             zero3: bool = False, bf16: bool = False, epoch: int = 0) -> EvalResult:
+             zero3: bool = False) -> EvalResult:
     engine.eval()
     rows: list = []
     last: AVBatch | None = None

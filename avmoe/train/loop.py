@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from avmoe.telemetry import WorkerMetrics, flops_per_sample
 from avmoe.train import checkpoint as ckpt_io
 from avmoe.train.config import TrainConfig, parse_fault
 from avmoe.train.engine import (build_optimizer, build_scheduler, deepspeed_config, initialize, use_bf16)
@@ -37,20 +38,6 @@ from avmoe.train.evaluate import evaluate
 from avmoe.train.session import Session
 
 log = logging.getLogger("avmoe.train")
-
-try:  # Contract 2 (telemetry stream); the trainer runs without it
-    from avmoe.telemetry import WorkerMetrics, flops_per_sample
-except ImportError:  # pragma: no cover - only while avmoe.telemetry is absent
-    WorkerMetrics = None  # type: ignore[assignment]
-    flops_per_sample = None  # type: ignore[assignment]
-
-
-class _NoMetrics:
-    """Stand-in used only when avmoe.telemetry cannot be imported."""
-
-    def __getattr__(self, name):
-        return lambda *a, **k: None
-
 
 NO_SCORE = -1e30  # score of mid-epoch checkpoints: Ray keeps the best-scored ones and the latest
 
@@ -124,18 +111,13 @@ def _node_ip() -> str:
         return "127.0.0.1"
 
 
-def _allreduce_mean(values: list[float], device) -> list[float]:
+def _allreduce(values: list[float], device, op: str = "sum") -> list[float]:
+    """Element-wise across ranks: "sum", "mean" or "max" (float64, on ``device``: NCCL needs the GPU)."""
     t = torch.tensor(values, dtype=torch.float64, device=device)
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t)
-        t /= dist.get_world_size()
-    return t.tolist()
-
-
-def _allreduce_sum(values: list[float], device) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+        if op == "mean":
+            t /= dist.get_world_size()
     return t.tolist()
 
 
@@ -198,7 +180,7 @@ def run_worker(config: dict[str, Any], session: Session) -> None:
     if not eval_only:
         val_stream = make_stream(tcfg, tcfg.val_split, rank, world, batch_size, False, seed, False)
     flops = None
-    if flops_per_sample is not None and tcfg.metrics and val_stream is not None:
+    if tcfg.metrics and val_stream is not None:
         # FLOPs of one training step, on the plain module before DeepSpeed wraps it (ZeRO >= 1
         # adds gradient hooks that would reduce the probe's gradients; ZeRO-3 partitions the
         # weights). Shapes are all that matter, so the first validation batch stands in for a
@@ -217,12 +199,10 @@ def run_worker(config: dict[str, Any], session: Session) -> None:
             log.warning("rank %d: FLOPs per sample not measured (%s)", rank, str(e).splitlines()[0])
         finally:
             getattr(probe, "close", lambda: None)()
-        if dist.is_available() and dist.is_initialized() and world > 1:
-            # every rank runs the same graph: a rank whose share of a small validation split is
-            # empty takes the count of one that measured
-            t = torch.tensor([flops if flops else -1.0], dtype=torch.float64, device=device)  # NCCL: on the GPU
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            flops = float(t.item()) if t.item() > 0 else None
+        # every rank runs the same graph: a rank whose share of a small validation split is
+        # empty takes the count of one that measured
+        flops = _allreduce([flops or -1.0], device, "max")[0]
+        flops = flops if flops > 0 else None
     optimizer = build_optimizer(model.trainable_parameters(), opt["optimizer"], opt["lr"], opt["weight_decay"])
     scheduler = build_scheduler(optimizer, opt["scheduler"], steps_per_epoch)
     bf16 = use_bf16(tcfg.precision, on_gpu)
@@ -250,16 +230,14 @@ def run_worker(config: dict[str, Any], session: Session) -> None:
             log.info("rank %d: resumed from %s (epoch %d, step %d, %d batches into the epoch)",
                      rank, ckdir, state.epoch, state.step, state.batches_done)
 
-    metrics = _NoMetrics()
-    if WorkerMetrics is not None:
-        metrics = WorkerMetrics(job=run_name, task=tcfg.task_name, rank=rank, node=_node_ip(),
-                                bind_address=tcfg.metrics_address, port=tcfg.metrics_port, enabled=tcfg.metrics)
-        metrics.start()
-        metrics.set_flops_per_sample(flops)
+    metrics = WorkerMetrics(job=run_name, task=tcfg.task_name, rank=rank, node=_node_ip(),
+                            bind_address=tcfg.metrics_address, port=tcfg.metrics_port, enabled=tcfg.metrics)
+    metrics.start()
+    metrics.set_flops_per_sample(flops)
 
-    def run_eval(stream, drop=None, epoch=0):
+    def run_eval(stream, drop=None):
         return evaluate(engine, task, cfg, stream, device=device, drop=drop, limit=tcfg.limit_eval_batches,
-                        zero3=tcfg.zero_stage == 3, bf16=bf16)
+                        zero3=tcfg.zero_stage == 3)
 
     ogm = None
     if tcfg.modulation != "none" and not eval_only:
@@ -272,7 +250,8 @@ def run_worker(config: dict[str, Any], session: Session) -> None:
     early_stop = opt.get("early_stop")
     primary = task.primary_metric
     epochs = int(opt["epochs"])
-    timing: dict[str, Any] = {"deepspeed_init_s": init_seconds, "step_s": [], "first_step_unix": None}
+    step_times: list[float] = []
+    first_step_unix = None
     stopped_at_max_steps = False
 
     def save(dir_name: str, score: float, extra_metrics: dict[str, Any]) -> None:
@@ -321,7 +300,8 @@ def run_worker(config: dict[str, Any], session: Session) -> None:
                     ogm.modulate(epoch, state.step)  # grads are all-reduced now (ZeRO 0)
                 engine.step()
                 state.batches_done += 1
-                loss_sum += float(loss.detach())
+                loss_value = float(loss.detach())  # one host sync per micro-batch
+                loss_sum += loss_value
                 loss_n += 1
                 for k, v in parts.items():
                     parts_sum[k] = parts_sum.get(k, 0.0) + v
@@ -331,15 +311,15 @@ def run_worker(config: dict[str, Any], session: Session) -> None:
                 now = time.perf_counter()
                 step_s = now - t_last
                 t_last = now
-                timing["step_s"].append(step_s)
-                if timing["first_step_unix"] is None:
-                    timing["first_step_unix"] = time.time()
+                step_times.append(step_s)
+                if first_step_unix is None:
+                    first_step_unix = time.time()
                 gnorm = engine.get_global_grad_norm() if tcfg.grad_clip else None
                 lr = optimizer.param_groups[0]["lr"]
                 metrics.observe_step(samples=samples, step_seconds=step_s, data_wait_seconds=wait,
-                                     loss=float(loss.detach()), lr=lr,
+                                     loss=loss_value, lr=lr,
                                      grad_norm=float(gnorm) if gnorm is not None else None)
-                metrics.set_skipped_total(getattr(train_stream, "skipped_total", 0))
+                metrics.set_skipped_total(train_stream.skipped_total)
                 wait, samples = 0.0, 0
                 if fault and state.step == fault[0] and rank == fault[1] and not os.path.exists(fault[2]):
                     open(fault[2], "w").close()
@@ -357,10 +337,10 @@ def run_worker(config: dict[str, Any], session: Session) -> None:
             if stopped_at_max_steps:
                 break
             # ---- end of epoch: global train loss, validation, checkpoint
-            tl = _allreduce_mean([loss_sum / max(1, loss_n)] + [v / max(1, loss_n) for v in parts_sum.values()],
-                                 device)
+            tl = _allreduce([loss_sum / max(1, loss_n)] + [v / max(1, loss_n) for v in parts_sum.values()],
+                            device, "mean")
             train_parts = dict(zip(parts_sum.keys(), tl[1:]))
-            val = run_eval(val_stream, epoch=epoch)
+            val = run_eval(val_stream)
             score = float(val.metrics.get(primary, float("nan")))
             metrics.set_validation(primary, score)
             metrics.set_router_usage(module.router_stats())
@@ -369,7 +349,7 @@ def run_worker(config: dict[str, Any], session: Session) -> None:
             state.batches_done = 0
             row = {"epoch": epoch, "step": state.step, "train_loss": tl[0], "train_parts": train_parts,
                    "val": val.metrics, "lr": optimizer.param_groups[0]["lr"],
-                   "skipped": int(_allreduce_sum([getattr(train_stream, "skipped_total", 0)], device)[0])}
+                   "skipped": int(_allreduce([train_stream.skipped_total], device)[0])}
             if ogm is not None:
                 row["ogm"] = dict(ogm.last)
             state.history.append(row)
@@ -400,18 +380,16 @@ def run_worker(config: dict[str, Any], session: Session) -> None:
                                "best": {"epoch": state.best_epoch, "checkpoint": state.best_checkpoint,
                                         f"val_{primary}": state.best_score},
                                "stopped_at_max_steps": stopped_at_max_steps}
-    step_s = timing["step_s"]
     results["timing"] = {"deepspeed_init_s": init_seconds, "worker_start_unix": worker_start,
-                         "first_step_unix": timing["first_step_unix"],
-                         "median_step_s": float(np.median(step_s)) if step_s else None,
-                         "steps_timed": len(step_s)}
+                         "first_step_unix": first_step_unix,
+                         "median_step_s": float(np.median(step_times)) if step_times else None,
+                         "steps_timed": len(step_times)}
     test_items = None
     if (tcfg.test or eval_only) and not stopped_at_max_steps:
         if not eval_only and state.best_checkpoint and state.best_checkpoint != ckpt_name():
             with session.open_checkpoint(state.best_checkpoint) as d:
                 ckpt_io.load(engine, d, rank)
-        elif not eval_only and state.best_checkpoint is None and state.history:
-            pass  # no finite validation score: test the last weights
+        # (no finite validation score, best_checkpoint None: the last weights are tested)
         test_stream = make_stream(tcfg, tcfg.test_split, rank, world, batch_size, False, seed, False)
         test = run_eval(test_stream)
         results["test"] = test.metrics

@@ -55,14 +55,13 @@ def _load_manifest(url: str, split: str) -> dict[str, Any]:
 
 
 def read_checkpoint_meta(path: str) -> dict[str, Any]:
-    """``trainer.json`` of a checkpoint (local path or any fsspec URL)."""
-    from data_pipeline import storage
+    """``trainer.json`` of a checkpoint (local path or any fsspec URL), as a config error."""
+    from avmoe.train.checkpoint import read_meta
 
-    fs, p = storage.filesystem(path)
     try:
-        return json.loads(fs.cat_file(storage.join(p, "trainer.json")))
-    except FileNotFoundError:
-        raise ConfigError(f"eval_only: {path} is not an avmoe checkpoint (no trainer.json)") from None
+        return read_meta(path)
+    except FileNotFoundError as e:
+        raise ConfigError(f"eval_only: {e}") from None
 
 
 def prepare(tcfg: TrainConfig) -> TrainConfig:
