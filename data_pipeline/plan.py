@@ -90,20 +90,21 @@ def epoch_order(index: SplitIndex, seed: int, epoch: int, shuffle: bool,
 class RankPlan:
     """The batches of one rank for one epoch, starting at global position ``start``.
 
-    ``batches[j]`` is a list of flat sample ids; ``positions[j]`` the global position of its
-    first sample; ``end_position(j)`` the global position consumed once every rank finished
-    its batch ``j`` (the prefix property of the module docstring)."""
+    ``batches[j]`` is a list of flat sample ids; ``end_position(j)`` the global position
+    consumed once every rank finished its batches before ``j`` (the prefix property of the
+    module docstring)."""
 
     start: int
     batch_size: int
     world_size: int
     rank: int
     batches: list[np.ndarray]
+    num_samples: int  # of the epoch
 
     def end_position(self, batches_done: int) -> int:
         """Global samples consumed after every rank consumed ``batches_done`` batches of this
         plan; clipped to the epoch (the last, short global batch without drop_last)."""
-        return self.start + batches_done * self.batch_size * self.world_size
+        return min(self.num_samples, self.start + batches_done * self.batch_size * self.world_size)
 
 
 def num_full_batches(num_samples: int, start: int, batch_size: int, world_size: int) -> int:
@@ -130,4 +131,4 @@ def rank_plan(order: np.ndarray, batch_size: int, world_size: int, rank: int, st
         lo = start + full * gb + rank * batch_size
         if lo < n:
             batches.append(order[lo:min(lo + batch_size, n)])
-    return RankPlan(start, batch_size, world_size, rank, batches)
+    return RankPlan(start, batch_size, world_size, rank, batches, n)

@@ -287,3 +287,13 @@ def test_tiny_models_take_ingested_batches(all_datasets, ray_local, task, ds):
     acc = t.metric_accumulator(cfg)
     acc.update(t.predict(out, batch), batch)
     assert acc.compute()
+
+
+def test_plan_end_position_is_clipped_to_the_epoch():
+    """Without drop_last the last global batch is short: positions never pass the epoch."""
+    from data_pipeline.plan import rank_plan
+
+    plans = [rank_plan(np.arange(10), batch_size=4, world_size=2, rank=r, drop_last=False) for r in (0, 1)]
+    assert [len(b) for b in plans[0].batches] == [4, 2] and [len(b) for b in plans[1].batches] == [4]
+    assert [plans[0].end_position(k) for k in (0, 1, 2)] == [0, 8, 10]
+    assert rank_plan(np.arange(10), 4, 2, 0, start=8, drop_last=False).end_position(1) == 10
