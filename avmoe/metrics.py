@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from data_pipeline import vocab as _vocab
+from data_pipeline.datasets import avqa as _avqa, avvp as _avvp
 
 __all__ = [
     "AVQA_QUESTION_TYPES",
@@ -37,8 +37,8 @@ __all__ = [
 
 # Class order of the GT matrix rows (AVVP-ECCV20 main_avvp.py `eval`) and the MUSIC-AVQA
 # (type, subtype) groups of main_avst.py `test` (an int question type indexes this list).
-AVVP_CATEGORIES: list[str] = list(_vocab.AVVP_CATEGORIES)
-AVQA_QUESTION_TYPES: list[tuple[str, str]] = list(_vocab.AVQA_QUESTION_TYPES)
+AVVP_CATEGORIES: list[str] = list(_avvp.CATEGORIES)
+AVQA_QUESTION_TYPES: list[tuple[str, str]] = list(_avqa.QUESTION_TYPES)
 
 AVS_NUM_THRESHOLDS = 255
 _AVS_BETA2 = 0.3

@@ -57,8 +57,7 @@ def make_data(root: str, n: int, scale: int) -> tuple[str, str, str]:
 
 def replicate(src: str, dst: str, scale: int) -> None:
     """``scale`` copies of every shard under new keys (``<key>-cK``), with a manifest."""
-    from data_pipeline.tario import DeterministicTarWriter
-    from data_pipeline.verify import iter_tar_samples
+    from data_pipeline.tario import DeterministicTarWriter, iter_tar_samples
 
     os.makedirs(dst, exist_ok=True)
     with open(os.path.join(src, "train.manifest.json")) as f:
@@ -154,7 +153,7 @@ def bench_upstream(raw: str, cores: int, repeats: int) -> list[float]:
 
 # ------------------------------------------------------------------------------ (2) decode
 def shard_members(url: str, limit: int) -> list[tuple[list[bytes], bytes]]:
-    from data_pipeline.verify import iter_tar_samples
+    from data_pipeline.tario import iter_tar_samples
 
     with open(os.path.join(url, "train.manifest.json")) as f:
         m = json.load(f)

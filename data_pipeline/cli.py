@@ -8,8 +8,7 @@ import re
 import sys
 
 from data_pipeline.errors import DataPipelineError
-from data_pipeline.schema import (DATASETS, DEFAULT_FRAME_SIZE, DEFAULT_JPEG_QUALITY,
-                                  DEFAULT_MASK_SIZE)
+from data_pipeline.schema import DEFAULT_FRAME_SIZE, DEFAULT_JPEG_QUALITY, DEFAULT_MASK_SIZE
 
 SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.I)
 UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9,
@@ -26,6 +25,9 @@ def parse_size(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from data_pipeline.datasets import list_datasets
+
+    datasets = list_datasets()
     p = argparse.ArgumentParser(
         prog="data_pipeline",
         description="Pack audio-visual datasets (AVE, LLP/AVVP, AVSBench S4/MS3, MUSIC-AVQA) "
@@ -38,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Write a small learnable synthetic dataset in the official "
                        "raw layout of a dataset (class-coloured shapes in frames, class-pitched "
                        "tones in audio). --n videos go to train, n/4 (at least 2) to val and test.")
-    s.add_argument("--task", required=True, choices=["ave", "avvp", "avs-s4", "avs-ms3", "avqa"])
+    s.add_argument("--task", required=True, choices=datasets)
     s.add_argument("--n", type=int, required=True, help="number of training videos")
     s.add_argument("--out", required=True, help="output directory")
     s.add_argument("--seed", type=int, default=0)
@@ -54,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "from AWS_ENDPOINT_URL / AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY). "
                        "Re-running an interrupted pack resumes it; shards are byte-identical to "
                        "an uninterrupted run. See data_pipeline/SCHEMA.md.")
-    k.add_argument("--dataset", required=True, choices=DATASETS)
+    k.add_argument("--dataset", required=True, choices=datasets)
     k.add_argument("--src", required=True, help="dataset root in the official raw layout")
     k.add_argument("--split", required=True, help="train, val or test")
     k.add_argument("--out", required=True, help="output directory or URL")

@@ -12,30 +12,32 @@ import argparse
 import os
 import time
 
+from data_pipeline.datasets import get_dataset, list_datasets
 from data_pipeline.pack import PackOptions, pack
 from data_pipeline.synth import synth
 from data_pipeline.verify import verify
 
-DEMO_SIZES = {"ave": 48, "avvp": 32, "avs-s4": 32, "avs-ms3": 32, "avqa": 24}
 
-
-def prepare_demo_shards(task: str = "ave", root: str = "data/demo", n: int | None = None,
+def prepare_demo_shards(dataset: str = "ave", root: str = "data/demo", n: int | None = None,
                         frame_size: int = 64, workers: int = 2, seed: int = 0,
                         log=print) -> str:
-    """Shards of every split of a synthetic ``task`` dataset under ``root``; returns the
-    shard directory. Re-running reuses what is there (packing is idempotent)."""
-    raw = os.path.join(root, task, "raw")
-    shards = os.path.join(root, task, "shards")
+    """Shards of every split of a synthetic ``dataset`` (``n`` training videos, default its
+    ``demo_size``) under ``root``; returns the shard directory. Re-running reuses what is
+    there (packing is idempotent)."""
+    ds = get_dataset(dataset)
+    raw = os.path.join(root, dataset, "raw")
+    shards = os.path.join(root, dataset, "shards")
     done = os.path.join(raw, ".complete")
     if not os.path.exists(done):
         t0 = time.perf_counter()
-        synth(task, n or DEMO_SIZES[task], raw, seed=seed)
+        synth(dataset, n or ds.demo_size, raw, seed=seed)
         open(done, "w").close()
-        log(f"[demo] generated synthetic {task} data in {raw} ({time.perf_counter() - t0:.1f} s)")
+        log(f"[demo] generated synthetic {dataset} data in {raw} "
+            f"({time.perf_counter() - t0:.1f} s)")
     opts = PackOptions(frame_size=frame_size, mask_size=frame_size, shard_bytes=8 * 2**20)
-    for split in ("train", "val", "test"):
+    for split in ds.splits:
         t0 = time.perf_counter()
-        res = pack(task, raw, split, shards, opts, workers=workers, progress=False)
+        res = pack(ds, raw, split, shards, opts, workers=workers, progress=False)
         m = res.manifest
         log(f"[demo] {split}: {m['num_samples']} samples in {m['num_shards']} shards "
             f"({m['total_bytes'] / 1e6:.1f} MB) at {shards} "
@@ -48,7 +50,7 @@ def prepare_demo_shards(task: str = "ave", root: str = "data/demo", n: int | Non
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--task", default="ave", choices=sorted(DEMO_SIZES))
+    p.add_argument("--task", default="ave", choices=list_datasets())
     p.add_argument("--out", default="data/demo")
     p.add_argument("--png", default=None, help="also render one sample (default <out>/<task>/sample.png)")
     args = p.parse_args(argv)

@@ -8,10 +8,12 @@ import io
 import numpy as np
 
 from data_pipeline import storage
+from data_pipeline.datasets import get_dataset
 from data_pipeline.decode import decode_member
 from data_pipeline.errors import ShardError
+from data_pipeline.manifest import load_manifest, manifest_splits
 from data_pipeline.schema import SAMPLE_RATE
-from data_pipeline.verify import iter_tar_samples, load_manifest, manifest_splits
+from data_pipeline.tario import TarReadError, iter_tar_samples
 
 
 def summary(url: str) -> str:
@@ -46,9 +48,12 @@ def find_sample(url: str, key: str | None, split: str | None = None) -> tuple[st
                 continue
             shard = storage.join(path, entry["name"])
             with fs.open(shard, "rb") as f:
-                for k, members in iter_tar_samples(io.BufferedReader(f, 1 << 20), shard):
-                    if key is None or k == key:
-                        return sp, k, {s: decode_member(s, d) for s, d in members.items()}, m
+                try:
+                    for k, members in iter_tar_samples(io.BufferedReader(f, 1 << 20), shard):
+                        if key is None or k == key:
+                            return sp, k, {s: decode_member(s, d) for s, d in members.items()}, m
+                except TarReadError as e:
+                    raise ShardError(str(e)) from None
     raise ShardError(f"{url}: no sample with key {key!r}")
 
 
@@ -61,6 +66,7 @@ def render_png(url: str, out_png: str, key: str | None = None, split: str | None
     import torchaudio
 
     sp, key, dec, manifest = find_sample(url, key, split)
+    dataset = get_dataset(manifest["dataset"])
     frames = [dec[s] for s in sorted(dec) if s.startswith("f") and s.endswith(".jpg")]
     masks = {int(s[1:3]): dec[s] for s in dec if s.startswith("m") and s.endswith(".png")}
     audio = dec.get("audio.npy", dec.get("audio.flac")).astype(np.float32) / 32768.0
@@ -79,7 +85,8 @@ def render_png(url: str, out_png: str, key: str | None = None, split: str | None
             overlay = np.zeros((*m.shape, 4))
             overlay[..., 1], overlay[..., 2], overlay[..., 3] = 1.0, 1.0, 0.55 * m  # cyan
             ax.imshow(overlay)
-        ax.set_title(f"{i}s" + (f" {segment_label(labels, manifest, i)}" or ""), fontsize=7)
+        caption = dataset.segment_caption(labels, manifest["label_vocab"], i)
+        ax.set_title(f"{i}s" + (f" {caption}" or ""), fontsize=7)
         ax.axis("off")
     ax = fig.add_subplot(grid[1, :])
     ax.plot(np.arange(audio.size) / SAMPLE_RATE, audio, lw=0.3)
@@ -93,23 +100,15 @@ def render_png(url: str, out_png: str, key: str | None = None, split: str | None
               extent=(0, audio.size / SAMPLE_RATE, 0, 64))
     ax.set_ylabel("log-mel bin")
     ax.set_xlabel("seconds")
-    fig.suptitle(f"{manifest['dataset']} [{sp}] {key}\n{label_text(labels)}", fontsize=9)
+    text = label_text(labels, dataset.inspect_omit)
+    fig.suptitle(f"{manifest['dataset']} [{sp}] {key}\n{text}", fontsize=9)
     fig.tight_layout()
     fig.savefig(out_png, dpi=90)
     plt.close(fig)
     return out_png
 
 
-def segment_label(labels: dict, manifest: dict, t: int) -> str:
-    seg = labels.get("segment_labels")
-    if seg is None:
-        return ""
-    classes = manifest["label_vocab"].get("classes", [])
-    c = seg[t]
-    return "bg" if c >= len(classes) else classes[c][:14]
-
-
-def label_text(labels: dict) -> str:
-    keep = {k: v for k, v in labels.items() if k not in ("segment_labels", "question")}
+def label_text(labels: dict, omit: tuple[str, ...] = ()) -> str:
+    keep = {k: v for k, v in labels.items() if k not in omit}
     text = ", ".join(f"{k}={v}" for k, v in sorted(keep.items()))
     return text if len(text) < 160 else text[:157] + "..."

@@ -1,6 +1,7 @@
 """Reading raw media and encoding shard members (runs in packer worker processes).
 
-Every encoder is deterministic: the same input and options give the same bytes.
+Every encoder is deterministic: the same input and options (``pack.PackOptions``) give the
+same bytes.
 """
 
 from __future__ import annotations
@@ -8,22 +9,16 @@ from __future__ import annotations
 import io
 import json
 import os
-from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from data_pipeline.errors import SampleError
-from data_pipeline.schema import SAMPLE_RATE
+from data_pipeline.schema import AUDIO_FLAC_MEMBER, AUDIO_NPY_MEMBER, SAMPLE_RATE
 
-
-@dataclass(frozen=True)
-class EncodeOptions:
-    frame_size: int = 192
-    mask_size: int = 224
-    jpeg_quality: int = 90
-    audio_format: str = "npy"  # "npy" (int16) or "flac"
-    trust_pickle: bool = False
+if TYPE_CHECKING:
+    from data_pipeline.pack import PackOptions
 
 
 # ----------------------------------------------------------------------------- images
@@ -38,7 +33,7 @@ def load_image(path: str, key: str, what: str = "frame") -> Image.Image:
     return img
 
 
-def encode_frame(path: str, key: str, opts: EncodeOptions) -> bytes:
+def encode_frame(path: str, key: str, opts: PackOptions) -> bytes:
     """A JPEG of the frame at ``frame_size`` x ``frame_size`` (bicubic, no crop: the
     official AVMoE preprocessing does not keep the aspect ratio)."""
     img = load_image(path, key)
@@ -63,7 +58,7 @@ def binarize_mask(img: Image.Image) -> np.ndarray:
     return np.asarray(img.convert("L")) >= 128
 
 
-def encode_mask(path: str, key: str, opts: EncodeOptions) -> bytes:
+def encode_mask(path: str, key: str, opts: PackOptions) -> bytes:
     mask = binarize_mask(load_image(path, key, "mask"))
     img = Image.fromarray(mask.astype(np.uint8) * 255, mode="L")
     if img.size != (opts.mask_size, opts.mask_size):
@@ -71,10 +66,6 @@ def encode_mask(path: str, key: str, opts: EncodeOptions) -> bytes:
     buf = io.BytesIO()
     img.convert("1").save(buf, format="PNG", optimize=False)
     return buf.getvalue()
-
-
-def decode_mask_png(data: bytes) -> np.ndarray:
-    return (np.asarray(Image.open(io.BytesIO(data)).convert("L")) > 0).astype(np.uint8)
 
 
 # ----------------------------------------------------------------------------- audio
@@ -156,18 +147,8 @@ def encode_audio(wave_int16: np.ndarray, audio_format: str) -> tuple[str, bytes]
 
         buf = io.BytesIO()
         sf.write(buf, wave_int16, SAMPLE_RATE, format="FLAC", subtype="PCM_16")
-        return "audio.flac", buf.getvalue()
-    return "audio.npy", npy_bytes(wave_int16)
-
-
-def decode_audio(name: str, data: bytes) -> np.ndarray:
-    """int16 samples from an ``audio.npy`` or ``audio.flac`` member."""
-    if name.endswith(".flac"):
-        import soundfile as sf
-
-        wave, _ = sf.read(io.BytesIO(data), dtype="int16")
-        return wave
-    return np.load(io.BytesIO(data), allow_pickle=False)
+        return AUDIO_FLAC_MEMBER, buf.getvalue()
+    return AUDIO_NPY_MEMBER, npy_bytes(wave_int16)
 
 
 def npy_bytes(array: np.ndarray) -> bytes:

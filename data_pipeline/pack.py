@@ -24,12 +24,12 @@ from dataclasses import asdict, dataclass
 from tqdm import tqdm
 
 from data_pipeline import media, storage
+from data_pipeline.datasets import Dataset, as_dataset
+from data_pipeline.datasets.base import RawSample
 from data_pipeline.errors import DataPipelineError, LayoutError, SampleError
-from data_pipeline.layouts import RawSample, audio_samples, get_layout
 from data_pipeline.schema import (
-    DATASETS, DEFAULT_FRAME_SIZE, DEFAULT_JPEG_QUALITY, DEFAULT_MASK_SIZE, DEFAULT_SHARD_BYTES,
-    FEATURES_MEMBER, LABELS_MEMBER, SCHEMA_VERSION, SEGMENTS, TASK_OF_DATASET, frame_member,
-    manifest_name, mask_member, shard_name)
+    DEFAULT_FRAME_SIZE, DEFAULT_JPEG_QUALITY, DEFAULT_MASK_SIZE, DEFAULT_SHARD_BYTES,
+    LABELS_MEMBER, SAMPLE_RATE, SCHEMA_VERSION, frame_member, manifest_name, shard_name)
 from data_pipeline.tario import DeterministicTarWriter, sample_size
 
 log = logging.getLogger("data_pipeline.pack")
@@ -75,21 +75,21 @@ class PackResult:
 _WORKER: dict = {}
 
 
-def _init_worker(dataset: str, opts: PackOptions, src: str) -> None:
+def _init_worker(dataset: Dataset, opts: PackOptions, src: str) -> None:
+    # the Dataset object itself (pickled by reference to its class): a worker process never
+    # looks a dataset up by name, so a plug-in registered only in the caller packs too
     _WORKER.update(dataset=dataset, opts=opts, src=src)
 
 
-def encode_sample(sample: RawSample, dataset: str, opts: PackOptions) -> list[tuple[str, bytes]]:
+def encode_sample(sample: RawSample, dataset: Dataset,
+                  opts: PackOptions) -> list[tuple[str, bytes]]:
     """All members of one sample (suffix, bytes); raises SampleError naming what is wrong."""
     if sample.error is not None:
         raise sample.error
-    eopts = media.EncodeOptions(opts.frame_size, opts.mask_size, opts.jpeg_quality,
-                                opts.audio_format, opts.trust_pickle)
-    key, segments = sample.key, SEGMENTS[dataset]
+    key, segments = sample.key, dataset.segments
     members: list[tuple[str, bytes]] = []
     if sample.video is not None:
-        layout = get_layout(dataset)
-        frames, wave = media.decode_video(sample.video, key, segments, layout.clip_seconds)
+        frames, wave = media.decode_video(sample.video, key, segments, dataset.clip_seconds)
         for t, img in enumerate(frames):
             img = img.convert("RGB").resize((opts.frame_size, opts.frame_size), media.Image.BICUBIC)
             members.append((frame_member(t), media.jpeg_bytes(img, opts.jpeg_quality)))
@@ -98,7 +98,7 @@ def encode_sample(sample: RawSample, dataset: str, opts: PackOptions) -> list[tu
         if len(sample.frames) != segments:
             raise SampleError(key, None, f"expected {segments} frames, found {len(sample.frames)}")
         for t, path in enumerate(sample.frames):
-            members.append((frame_member(t), media.encode_frame(path, key, eopts)))
+            members.append((frame_member(t), media.encode_frame(path, key, opts)))
         ref = sample.audio
         audio_path = ref.path
         if ref.kind == "npy":
@@ -109,16 +109,9 @@ def encode_sample(sample: RawSample, dataset: str, opts: PackOptions) -> list[tu
             wave = media.load_wav_resampled(ref.path, key)
         else:
             raise ValueError(f"unknown audio source kind {ref.kind!r}")
-    wave = media.check_wave(wave, key, audio_path, audio_samples(dataset))
+    wave = media.check_wave(wave, key, audio_path, dataset.audio_samples)
     members.append(media.encode_audio(wave, opts.audio_format))
-    for k, path in enumerate(sample.masks):
-        members.append((mask_member(k), media.encode_mask(path, key, eopts)))
-    if sample.features is not None:
-        feats = media.load_npy(sample.features, key, "R(2+1)D features")
-        if feats.shape != (segments, 512):
-            raise SampleError(key, sample.features, f"R(2+1)D features must have shape "
-                              f"({segments}, 512), got {tuple(feats.shape)}")
-        members.append((FEATURES_MEMBER, media.npy_bytes(feats.astype("float32"))))
+    members += dataset.encode_extra(sample, opts)
     members.append((LABELS_MEMBER, media.json_bytes(sample.labels)))
     return members
 
@@ -188,27 +181,27 @@ def default_staging_dir(out: str, split: str) -> str:
 
 
 # ------------------------------------------------------------------------------ pack
-def pack(dataset: str, src: str, split: str, out: str, opts: PackOptions | None = None,
+def pack(dataset: str | Dataset, src: str, split: str, out: str, opts: PackOptions | None = None,
          workers: int = 1, staging_dir: str | None = None, overwrite: bool = False,
          videos_dir: str | None = None, progress: bool = True,
          _stop_after_shards: int | None = None) -> PackResult:
-    """Pack one split. ``_stop_after_shards`` is for tests of crash-resume: it stops (as a
-    kill would) after that many shards were staged."""
+    """Pack one split of ``dataset`` (a registered name, or a ``Dataset``).
+    ``_stop_after_shards`` is for tests of crash-resume: it stops (as a kill would) after that
+    many shards were staged."""
     opts = opts or PackOptions()
     opts.validate()
-    if dataset not in DATASETS:
-        raise DataPipelineError(f"unknown dataset {dataset!r}; expected one of {', '.join(DATASETS)}")
+    ds = as_dataset(dataset)
+    dataset = ds.name
     if not os.path.isdir(src):
         raise LayoutError(f"source directory {src} does not exist")
-    layout = get_layout(dataset)
-    listing = layout.list_split(src, split, from_videos=opts.from_videos, videos_dir=videos_dir)
+    listing = ds.list_split(src, split, from_videos=opts.from_videos, videos_dir=videos_dir)
     samples = sorted(listing.samples, key=lambda s: s.key)
     if not samples:
         raise LayoutError(f"{dataset} {split}: the annotations list no samples")
 
     manifest_head = {
-        "schema_version": SCHEMA_VERSION, "dataset": dataset, "task": TASK_OF_DATASET[dataset],
-        "split": split, "segments": SEGMENTS[dataset], "sample_rate": media.SAMPLE_RATE,
+        "schema_version": SCHEMA_VERSION, "dataset": dataset, "task": ds.task,
+        "split": split, "segments": ds.segments, "sample_rate": SAMPLE_RATE,
         "options": opts.manifest_options(), "label_vocab": listing.label_vocab,
     }
     fingerprint = hashlib.sha256(media.json_bytes(
@@ -232,7 +225,7 @@ def pack(dataset: str, src: str, split: str, out: str, opts: PackOptions | None 
         last = journal[-1]["last_key"]
         start = next(i for i, s in enumerate(samples) if s.key == last) + 1
     todo = samples[start:]
-    encoded = _encode_and_stage(dataset, src, opts, workers, staging, journal, todo, split,
+    encoded = _encode_and_stage(ds, src, opts, workers, staging, journal, todo, split,
                                 progress, _stop_after_shards)
     if _stop_after_shards is not None and encoded is None:
         return PackResult({}, out, 0)
@@ -291,7 +284,7 @@ def _encode_and_stage(dataset, src, opts, workers, staging, journal, todo, split
         cur = None
 
     results = _run_encoder(dataset, src, opts, workers, todo)
-    bar = tqdm(total=len(todo), desc=f"pack {dataset}/{split}", unit="sample",
+    bar = tqdm(total=len(todo), desc=f"pack {dataset.name}/{split}", unit="sample",
                disable=not progress or None)
     try:
         for key, members, error in results:

@@ -40,3 +40,16 @@ def is_local(url: str) -> bool:
 
 def local_path(url: str) -> str:
     return url[len("file://"):] if url.startswith("file://") else url
+
+
+def worker_env(url: str) -> dict | None:
+    """A Ray ``runtime_env`` forwarding the driver's S3 settings to Ray workers (decode tasks,
+    training workers): workers started before the variables were set (a long-lived local
+    Ray, tests) would not see them. On a cluster whose nodes have their own credentials the
+    driver has none and this is None."""
+    if not url.startswith(("s3://", "s3a://")):
+        return None
+    names = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+             "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")
+    env = {k: os.environ[k] for k in names if k in os.environ}
+    return {"env_vars": env} if env else None

@@ -45,10 +45,11 @@ def stop_process(proc, timeout: float = 30) -> None:
 @pytest.fixture(scope="session")
 def synth_root(tmp_path_factory):
     """One small synthetic dataset per layout, shared by the packer tests (read-only)."""
+    from data_pipeline.datasets import list_datasets
     from data_pipeline.synth import synth
 
     root = tmp_path_factory.mktemp("synth")
-    for task in ("ave", "avvp", "avs-s4", "avs-ms3", "avqa"):
+    for task in list_datasets():
         synth(task, 6, str(root / task), seed=1, size=48)
     return root
 

@@ -15,11 +15,13 @@ import numpy as np
 import pytest
 import torch
 
+from data_pipeline.datasets import get_dataset, list_datasets
 from data_pipeline.decode import decode_member
-from data_pipeline.ingest import IngestConfig, IngestError, ShardStream, read_split
+from data_pipeline.ingest import IngestConfig, IngestError, ShardStream
 from data_pipeline.pack import PackOptions, pack
+from data_pipeline.raydata import read_split
 from data_pipeline.synth import synth
-from data_pipeline.verify import iter_tar_samples
+from data_pipeline.tario import iter_tar_samples
 
 sys.path.insert(0, os.path.dirname(__file__))  # model_fixtures (not a conftest)
 
@@ -211,7 +213,7 @@ def test_s3_on_local_moto(ave_url, s3_env, ray_local, tmp_path):
 def all_datasets(synth_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("ingest-all")
     urls = {}
-    for ds in ("ave", "avvp", "avs-s4", "avs-ms3", "avqa"):
+    for ds in list_datasets():
         for split in ("train", "val"):
             pack(ds, str(synth_root / ds), split, str(out / ds),
                  PackOptions(frame_size=32, mask_size=32, shard_samples=3), progress=False)
@@ -219,18 +221,23 @@ def all_datasets(synth_root, tmp_path_factory):
     return urls
 
 
-@pytest.mark.parametrize("ds", ["ave", "avvp", "avs-s4", "avs-ms3", "avqa"])
+@pytest.mark.parametrize("ds", list_datasets())
 def test_targets_match_labels(all_datasets, ray_local, ds):
-    from data_pipeline.vocab import AVQA_QUESTION_TYPES
+    from data_pipeline.datasets.avqa import QUESTION_TYPES as AVQA_QUESTION_TYPES
 
     url = all_datasets[ds]
     for split in ("train", "val"):
         ref = raw_samples(url, split)
         s = stream(url, split=split, batch_size=2, shuffle=False, drop_last=False)
         vocab = s.manifest["label_vocab"]
+        shapes = get_dataset(ds).target_shapes(s.spec)
         n = 0
         for batch in s.epoch(0):
             tg = batch.targets
+            assert set(tg) == set(shapes)  # the dataset's targets, exactly
+            for name, (shape, dtype) in shapes.items():
+                assert tuple(tg[name].shape) == (len(batch.keys), *shape)
+                assert tg[name].numpy().dtype == dtype
             for i, key in enumerate(batch.keys):
                 lab, n = ref[key]["json"], n + 1
                 if ds == "ave":
@@ -255,7 +262,7 @@ def test_targets_match_labels(all_datasets, ray_local, ds):
                         np.testing.assert_array_equal(tg["masks"][i, t].numpy(),
                                                       ref[key][f"m{t:02d}.png"])
                     assert not tg["masks"][i, nm:].any()
-                else:
+                elif ds == "avqa":
                     ids = tg["question_ids"][i].tolist()
                     toks = lab["question_tokens"]
                     assert [vocab["question_tokens"][j] for j in ids[:len(toks)]] == toks

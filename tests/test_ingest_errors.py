@@ -15,8 +15,7 @@ import pytest
 from data_pipeline.ingest import IngestConfig, IngestError, ShardStream
 from data_pipeline.pack import PackOptions, pack
 from data_pipeline.synth import synth
-from data_pipeline.tario import DeterministicTarWriter
-from data_pipeline.verify import iter_tar_samples
+from data_pipeline.tario import DeterministicTarWriter, iter_tar_samples
 
 
 @pytest.fixture(scope="module")

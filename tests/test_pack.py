@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 import webdataset as wds
 
+from data_pipeline.datasets import get_dataset, list_datasets
 from data_pipeline.pack import PackOptions, pack
-from data_pipeline.schema import SEGMENTS, expected_members
 from data_pipeline.verify import verify
 
-DATASETS = ("ave", "avvp", "avs-s4", "avs-ms3", "avqa")
+DATASETS = list_datasets()
 SMALL = PackOptions(frame_size=32, mask_size=32, shard_samples=4)
 
 
@@ -49,11 +49,11 @@ def test_pack_layout_reads_back_with_webdataset(packed, synth_root, dataset):
     urls = [str(out / s["name"]) for s in manifest["shards"]]
     samples = list(wds.WebDataset(urls, shardshuffle=False, empty_check=False))
     assert [s["__key__"] for s in samples] == keys_in_manifest
-    t = SEGMENTS[dataset]
+    t = get_dataset(dataset).segments
     for s in samples:
         labels = json.loads(s["json"])
         members = sorted(k for k in s if not k.startswith("__"))
-        assert members == expected_members(dataset, labels)
+        assert members == get_dataset(dataset).members(labels)
         audio = np.load(io.BytesIO(s["audio.npy"]), allow_pickle=False)
         assert audio.dtype == np.int16 and audio.shape == (t * 32000,)
         assert np.abs(audio).max() > 1000  # the class tone survived the int16 conversion

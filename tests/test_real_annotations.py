@@ -7,9 +7,11 @@ from collections import Counter
 
 import pytest
 
-from data_pipeline import vocab
-from data_pipeline.layouts import (avqa_question_tokens, get_layout, load_avqa_json,
-                                   parse_avvp_events, parse_ave_rows)
+from data_pipeline.datasets import get_dataset
+from data_pipeline.datasets import ave as ave_ds, avqa as avqa_ds, avvp as avvp_ds
+from data_pipeline.datasets.ave import parse_ave_rows
+from data_pipeline.datasets.avqa import avqa_question_tokens, load_avqa_json
+from data_pipeline.datasets.avvp import parse_avvp_events
 from tests.conftest import REAL_ANNOTATIONS
 
 pytestmark = pytest.mark.skipif(not REAL_ANNOTATIONS.exists(),
@@ -18,12 +20,12 @@ pytestmark = pytest.mark.skipif(not REAL_ANNOTATIONS.exists(),
 
 def test_ave_every_row():
     ave = REAL_ANNOTATIONS / "AVE"
-    assert [l.rstrip("\n") for l in open(ave / "categories.txt")] == vocab.AVE_CATEGORIES
+    assert [l.rstrip("\n") for l in open(ave / "categories.txt")] == ave_ds.CATEGORIES
     counts = {f: len(parse_ave_rows(str(ave / f))) for f in
               ("Annotations.txt", "trainSet.txt", "valSet.txt", "testSet.txt")}
     assert counts == {"Annotations.txt": 4143, "trainSet.txt": 3339, "valSet.txt": 402,
                       "testSet.txt": 402}
-    layout = get_layout("ave")
+    layout = get_dataset("ave")
     for split, n in (("train", 3339), ("val", 402), ("test", 402)):
         listing = layout.list_split(str(ave), split)
         assert len(listing.samples) == n == len({s.key for s in listing.samples})
@@ -41,7 +43,7 @@ def test_ave_every_row():
 
 def test_avvp_every_row():
     avvp = REAL_ANNOTATIONS / "AVVP"
-    layout = get_layout("avvp")
+    layout = get_dataset("avvp")
     sizes = {}
     for split in ("train", "val", "test"):
         listing = layout.list_split(str(avvp), split)
@@ -52,7 +54,7 @@ def test_avvp_every_row():
     for name, rows in (("AVVP_eval_audio.csv", 4131), ("AVVP_eval_visual.csv", 2495)):
         events = parse_avvp_events(str(avvp / name))
         assert sum(len(v) for v in events.values()) == rows
-        assert {lab for evs in events.values() for lab, *_ in evs} <= set(vocab.AVVP_CATEGORIES)
+        assert {lab for evs in events.values() for lab, *_ in evs} <= set(avvp_ds.CATEGORIES)
     # keys are tar-safe even for filenames with dots (e.g. AP0061o0Nvk_101.8_111.8)
     train = layout.list_split(str(avvp), "train").samples
     dotted = [s for s in train if "." in s.labels["video_id"]]
@@ -73,10 +75,10 @@ def test_avqa_every_row(sub, tmp_path):
             words = avqa_question_tokens(e)
             assert set(words) <= tokens, (e["question_id"], words)
             assert e["anser"] in answers
-    layout = get_layout("avqa")
+    layout = get_dataset("avqa")
     listing = layout.list_split(str(src), "test")  # json_update is preferred
     assert len(listing.samples) == 9129
     assert listing.label_vocab["answers"] == answers and len(listing.label_vocab["question_tokens"]) == 93
     types = Counter(tuple(s.labels["question_type"]) for s in listing.samples)
     assert types[("Audio-Visual", "Counting")] == 1265 and types[("Audio", "Comparative")] == 594
-    assert set(types) == set(vocab.AVQA_QUESTION_TYPES)
+    assert set(types) == set(avqa_ds.QUESTION_TYPES)

@@ -1,0 +1,195 @@
+"""The Ray Data decode task of the streaming ingest (``data_pipeline.ingest``): fetch a task's
+sample spans with ranged reads, check each against its manifest sha256, parse its tar members
+and decode them into fixed-shape numpy columns (``data_pipeline.sample``), one block per plan
+batch. A bad sample never raises here: its row is zero-filled and marked (``ok=False``, the
+error naming shard, key and member) for the consumer to raise or skip.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Iterator
+
+import numpy as np
+import simplejpeg
+
+from data_pipeline import storage
+from data_pipeline.datasets.base import Dataset
+from data_pipeline.decode import decode_flac
+from data_pipeline.errors import MemberError
+from data_pipeline.sample import (AUDIO, ERR_MEMBER, ERR_SHARD, ERROR, FRAMES, KEY, OK,
+                                  TARGET_PREFIX, LabelError, SampleSpec, empty_columns,
+                                  npy_member)
+from data_pipeline.schema import AUDIO_FLAC_MEMBER, AUDIO_NPY_MEMBER, LABELS_MEMBER, frame_member
+from data_pipeline.tario import parse_members
+
+
+class SampleDecoder:
+    """Decodes verified sample spans into preallocated fixed-shape columns."""
+
+    def __init__(self, spec: SampleSpec, dataset: Dataset):
+        self.spec, self.dataset = spec, dataset
+        self.fill_targets = dataset.target_encoder(spec)
+
+    def decode_into(self, buf: memoryview, key: str, cols: dict, i: int) -> None:
+        s = self.spec
+        members = parse_members(buf, key)  # a TarReadError is a MemberError
+        try:
+            labels = json.loads(bytes(members[LABELS_MEMBER]))
+        except KeyError:
+            raise MemberError(LABELS_MEMBER, "missing member") from None
+        except (ValueError, UnicodeDecodeError) as e:
+            raise MemberError(LABELS_MEMBER, f"not valid JSON ({e})") from None
+        try:
+            want = self.dataset.members(labels, s.audio_format)
+        except (KeyError, ValueError, TypeError) as e:
+            raise MemberError(LABELS_MEMBER, f"labels do not say which members to expect "
+                              f"({e!r})") from None
+        missing = sorted(set(want) - set(members))
+        if missing:
+            raise MemberError(missing[0], f"missing member(s) {missing}")
+        extra = sorted(set(members) - set(want))
+        if extra:
+            raise MemberError(extra[0], f"unexpected member(s) {extra}")
+        size = s.frame_size
+        for t in range(s.segments):
+            name = frame_member(t)
+            self._jpeg(members[name], name, cols[FRAMES][i, t], size)
+        if s.audio_format == "flac":
+            wave = self._flac(members[AUDIO_FLAC_MEMBER])
+            aname = AUDIO_FLAC_MEMBER
+        else:
+            aname = AUDIO_NPY_MEMBER
+            wave = npy_member(members[aname], aname)
+        if wave.dtype != np.int16 or wave.shape != (s.audio_len,):
+            raise MemberError(aname, f"expected int16 ({s.audio_len},), got {wave.dtype} "
+                              f"{tuple(wave.shape)}")
+        cols[AUDIO][i] = wave
+        targets = {k[len(TARGET_PREFIX):]: v for k, v in cols.items()
+                   if k.startswith(TARGET_PREFIX)}
+        self.dataset.decode_extra(members, labels, s, targets, i)
+        try:
+            self.fill_targets(labels, targets, i)
+        except LabelError as e:
+            raise MemberError(LABELS_MEMBER, str(e)) from None
+        except (TypeError, ValueError) as e:
+            raise MemberError(LABELS_MEMBER, f"labels do not fit the schema ({e})") from None
+
+    def _jpeg(self, data: memoryview, name: str, out: np.ndarray, size: int) -> None:
+        try:
+            h, w, _, _ = simplejpeg.decode_jpeg_header(data)
+            if (h, w) != (size, size):
+                raise MemberError(name, f"frame is {w}x{h}, manifest frame_size {size}")
+            # strict: libjpeg's recoverable warnings (corrupt data) are errors, not grey
+            simplejpeg.decode_jpeg(data, colorspace="RGB", buffer=out, strict=True)
+        except MemberError:
+            raise
+        except Exception as e:
+            raise MemberError(name, f"does not decode as JPEG ({type(e).__name__}: {e})") from None
+
+    @staticmethod
+    def _flac(data: memoryview) -> np.ndarray:
+        try:
+            return decode_flac(data)
+        except Exception as e:
+            raise MemberError(AUDIO_FLAC_MEMBER, f"does not decode as FLAC "
+                              f"({type(e).__name__}: {e})") from None
+
+
+def _fetch(fs, base: str, items: list[list], max_gap: int) -> dict[int, memoryview | MemberError]:
+    """Raw bytes of each item (``[row, shard, key, offset, length, sha]``), keyed by row.
+
+    Spans of one shard are sorted and merged when the gap between them is at most
+    ``max_gap`` bytes, then all requests go out together (``cat_ranges`` runs them
+    concurrently on object stores). Missing shards and short reads (truncation) mark the
+    affected samples bad; other I/O errors propagate (Ray retries the task)."""
+    out: dict[int, memoryview | MemberError] = {}
+    runs: list[tuple[str, int, int, list]] = []  # (path, start, end, items)
+    for it in sorted(items, key=lambda x: (x[1], x[3])):
+        path = storage.join(base, it[1])
+        start, end = it[3], it[3] + it[4]
+        if runs and runs[-1][0] == path and start - runs[-1][2] <= max_gap:
+            p, s0, e0, its = runs[-1]
+            runs[-1] = (p, s0, max(e0, end), its + [it])
+        else:
+            runs.append((path, start, end, [it]))
+    try:
+        datas = fs.cat_ranges([r[0] for r in runs], [r[1] for r in runs], [r[2] for r in runs],
+                              on_error="return")
+    except FileNotFoundError:  # some filesystems raise instead of returning per path
+        datas = []
+        for r in runs:
+            try:
+                datas.append(fs.cat_file(r[0], start=r[1], end=r[2]))
+            except Exception as e:
+                datas.append(e)
+    for (path, s0, e0, its), data in zip(runs, datas):
+        if isinstance(data, BaseException):
+            if isinstance(data, FileNotFoundError):
+                for it in its:
+                    out[it[0]] = MemberError(None, "shard listed in the manifest is missing")
+                continue
+            raise data
+        mv = memoryview(data)
+        for it in its:
+            lo = it[3] - s0
+            chunk = mv[lo:lo + it[4]]
+            if len(chunk) < it[4]:
+                out[it[0]] = MemberError(None, f"shard truncated: sample span [{it[3]}, "
+                                         f"{it[3] + it[4]}) ends after the file "
+                                         f"({s0 + len(mv)} bytes)")
+            else:
+                out[it[0]] = chunk
+    return out
+
+
+def decode_task(batch: dict, base: str, spec: dict, storage_options: dict, max_gap: int,
+                dataset: Dataset) -> Iterator[dict]:
+    """Ray Data UDF: one row per task, ``batch["spec"]`` = JSON ``{"batches": [[item, ...],
+    ...]}``; ``spec`` the split's ``SampleSpec.to_dict()``; ``dataset`` the ``Dataset``
+    object itself (resolved on the driver: a plug-in dataset need not be registered in the
+    worker). Yields one block per plan batch (rows in plan order, bad rows zero-filled,
+    ok=False)."""
+    sspec = SampleSpec(**spec)
+    decoder = SampleDecoder(sspec, dataset)
+    fs, path = storage.filesystem(base, **storage_options)
+    for task_json in batch["spec"]:
+        task = json.loads(task_json)
+        flat = [it for b in task["batches"] for it in b]
+        raw = _fetch(fs, path, flat, max_gap)
+        row = 0
+        for b in task["batches"]:
+            n = len(b)
+            cols = empty_columns(sspec, n, dataset)
+            keys = np.empty(n, dtype=object)
+            err = np.full(n, "", dtype=object)
+            err_shard = np.full(n, "", dtype=object)
+            err_member = np.full(n, "", dtype=object)
+            for i, it in enumerate(b):
+                _, shard, key, _, _, sha = it
+                keys[i] = key
+                data = raw[row + i]
+                try:
+                    if isinstance(data, MemberError):
+                        raise data
+                    if hashlib.sha256(data).hexdigest() != sha:
+                        raise MemberError(None, f"sha256 mismatch (manifest {sha[:12]}..., "
+                                          f"read {hashlib.sha256(data).hexdigest()[:12]}...)")
+                    decoder.decode_into(data, key, cols, i)
+                    cols[OK][i] = True
+                except MemberError as e:
+                    _zero_row(cols, i)
+                    err[i] = f"{shard}: sample {key!r}" + (f" member {e.member!r}" if e.member
+                                                           else "") + f": {e.problem}"
+                    err_shard[i], err_member[i] = shard, e.member or ""
+            row += n
+            cols.update({KEY: keys, ERROR: err, ERR_SHARD: err_shard, ERR_MEMBER: err_member})
+            yield cols
+        del raw
+
+
+def _zero_row(cols: dict, i: int) -> None:
+    for k, v in cols.items():
+        if isinstance(v, np.ndarray) and v.dtype != object:
+            v[i] = 0
