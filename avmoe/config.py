@@ -267,7 +267,7 @@ def apply_overrides(cfg: Any, overrides: Mapping[str, Any], *, validate: bool = 
         if is_dataclass(old) and isinstance(value, Mapping):
             apply_overrides(old, value, validate=False, prefix=name + ".")
             continue
-        if isinstance(value, str) and not type_ok(value, tp):
+        if isinstance(value, str):  # text: parsed by the field's type ("none" = None where optional)
             value = parse_text(name, value, tp)
         setattr(obj, path[-1], coerce(name, value, tp))
     if validate and isinstance(cfg, Config):

@@ -83,6 +83,12 @@ class AVETask(Task):
             keys["num_classes"] = len(classes)
         return keys
 
+    def example_targets(self, cfg, batch_size, generator):
+        b, t = batch_size, cfg.num_segments
+        labels = torch.randint(0, cfg.num_classes, (b, 1), generator=generator).expand(b, t).clone()
+        labels[:, 0] = BACKGROUND  # one background segment per video
+        return {"segment_labels": labels}
+
     def loss(self, out, batch, cfg):
         labels = segment_labels(batch).to(out["is_event"].device)
         cls = video_class(labels)

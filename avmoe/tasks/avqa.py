@@ -94,6 +94,13 @@ class AVQATask(Task):
             keys["max_question_len"] = int(vocab["max_question_len"])
         return keys
 
+    def example_targets(self, cfg, batch_size, generator):
+        b = batch_size
+        ids = torch.randint(1, cfg.vocab_size, (b, cfg.max_question_len), generator=generator)
+        ids[:, -2:] = 0  # padding
+        return {"question_ids": ids, "answer": torch.arange(b) % cfg.num_answers,
+                "question_type": torch.arange(b) % len(QUESTION_TYPES)}
+
     def loss(self, out, batch, cfg):
         logits = out["answer_logits"]
         answer = batch.targets["answer"].to(logits.device).long().view(-1)

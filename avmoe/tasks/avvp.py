@@ -79,6 +79,13 @@ class AVVPTask(Task):
         keys["st_dim"] = int(manifest.get("feature_dim", 512))
         return keys
 
+    def example_targets(self, cfg, batch_size, generator):
+        b, t, c = batch_size, cfg.num_segments, cfg.num_classes
+        return {"video_labels": (torch.rand(b, c, generator=generator) > 0.85).float(),
+                "features": torch.randn(b, t, cfg.st_dim, generator=generator),
+                "gt_audio": (torch.rand(b, c, t, generator=generator) > 0.9).to(torch.uint8),
+                "gt_visual": (torch.rand(b, c, t, generator=generator) > 0.9).to(torch.uint8)}
+
     def loss(self, out, batch, cfg):
         y = batch.targets["video_labels"].to(out["video_prob"].device, torch.float32)
         eps = cfg.clamp_eps

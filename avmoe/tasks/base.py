@@ -87,6 +87,7 @@ class Task:
     variants: tuple[str, ...] = ()  # first = default
     variant_option: str = "variant"  # the CLI flag (--<option>) and key naming the variant
     supports_ogm: bool = False
+    head: Any = None  # the head class (``factory(cfg, trunk)``) or its ``HEADS`` name
     # the embedded demo's schedule (TrainConfig overrides on top of the tiny preset)
     demo_schedule: dict[str, Any] = {}
 
@@ -126,6 +127,9 @@ class Task:
         if preset not in PRESETS:
             raise ConfigError(f"unknown preset {preset!r} for task {self.name!r}; known: "
                               f"{', '.join(PRESETS)}")
+        if self.variants and self.variant_option in overrides:
+            raise ConfigError(f"{self.variant_option}: the variant chooses the preset; use "
+                              f"get_task('{self.name}-<{'|'.join(self.variants)}>') or --{self.variant_option}")
         cfg = self.make_preset(preset)
         cfg.task, cfg.preset = self.name, preset
         return apply_overrides(cfg, overrides)
@@ -139,8 +143,6 @@ class Task:
         from avmoe.models.model import AVModel
 
         return AVModel(cfg, head=self.head)
-
-    head: Any = None  # the head class (or its HEADS name)
 
     # ----------------------------------------------------------------- training
 
@@ -173,6 +175,20 @@ class Task:
         """(s_audio, s_visual): the micro-batch's summed true-class probabilities of the
         audio-only and visual-only estimates (OGM-GE, related-methods.md §1)."""
         raise NotImplementedError(f"task {self.name!r} does not support OGM-GE")
+
+    def example_targets(self, cfg: TaskConfig, batch_size: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """Random but valid targets of ``batch_size`` samples for ``cfg`` (tests, benchmarks)."""
+        raise NotImplementedError
+
+    def example_batch(self, cfg: TaskConfig, batch_size: int = 2, seed: int = 0, frame_hw=(40, 48)) -> AVBatch:
+        """A fixed random batch in the shard format (uint8 frames of any size, int16 audio)
+        with ``example_targets``: what a model of ``cfg`` takes."""
+        g = torch.Generator().manual_seed(seed)
+        b, t = batch_size, cfg.num_segments
+        frames = torch.randint(0, 256, (b, t, *frame_hw, 3), dtype=torch.uint8, generator=g)
+        audio = (torch.randn(b, t * cfg.audio.segment_samples, generator=g) * 3000).to(torch.int16)
+        return AVBatch(frames=frames, audio=audio, targets=self.example_targets(cfg, b, g),
+                       keys=[f"v{i}" for i in range(b)])
 
     def plot_predictions(self, items: list, out_dir: str, title: str) -> list[str]:
         """The task's pictures of test predictions (``items``: (key, preds, targets) in split
