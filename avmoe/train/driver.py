@@ -138,7 +138,7 @@ def fit(tcfg: TrainConfig, *, prepared: bool = False, trainer_cls=None) -> dict[
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"train": tcfg.to_dict(), "run_name": name, "eval_only": tcfg.evaluation.eval_only,
-                           "trainer_cls": trainer_cls},
+                           "trainer_cls": trainer_cls, "task_cls": type(tcfg.get_task())},
         scaling_config=ScalingConfig(num_workers=sc.workers, use_gpu=use_gpu, resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RunConfig(

@@ -111,8 +111,13 @@ def _cfg_dict(cfg) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
 
 
-class StopTraining(Exception):
-    """Raised inside an epoch to stop the run with a checkpoint (``max_steps``)."""
+def _register_task(cls) -> None:
+    """The driver sends the task's class (by reference): a task registered on the driver at run
+    time (a plug-in, a test's) is then known in this worker's registry too."""
+    from avmoe.tasks import TASKS
+
+    if cls is not None and cls.name not in TASKS:
+        TASKS.add(cls.name, cls)
 
 
 # --------------------------------------------------------------------------- the trainer
@@ -121,6 +126,7 @@ class StopTraining(Exception):
 class Trainer:
     def __init__(self, config: dict[str, Any], session: Session) -> None:
         self.worker_start = time.time()  # wall clock: the benchmark's time to first step
+        _register_task(config.get("task_cls"))
         self.tcfg = TrainConfig.from_dict(config["train"])
         self.run_name: str = config["run_name"]
         self.eval_source: str | None = config.get("eval_only")
