@@ -1,15 +1,23 @@
-"""Typed configuration of the AVMoE models (backbones, adapters, heads) and their optimisation.
+"""Typed configuration: the shared model configs, the optimisation section, and the one
+override grammar every config in avmoe uses (model configs, ``TrainConfig``, the CLI).
 
-One dataclass per concept; a task config (``AVEConfig``, ...) nests the shared ones. Presets
-("tiny", "paper", "official") are built by the task modules (``avmoe/tasks``) from the helpers
-at the bottom of this file, then overridden key by key with :func:`apply_overrides`:
+Configs are dataclasses deriving from :class:`Config`. Choices are ``Literal`` types and are
+checked by :meth:`Config.validate`, with any cross-field rule in ``check()``. A task's own model
+config (``AVEConfig``, ...) lives beside its head (``avmoe/models/heads/<task>.py``) and nests
+the shared ones defined here (visual, audio, adapter, temporal).
 
-* ``lr=1e-4`` sets a top-level field (of the task config or, when unambiguous, of exactly one
-  nested config: ``num_tokens=8`` reaches ``adapter.num_tokens``);
-* ``**{"adapter.num_tokens": 8}`` or ``adapter__num_tokens=8`` name the path explicitly;
-* ``adapter={"num_cma": 2}`` merges a dict into a nested config.
+Overrides (:func:`apply_overrides`), the same for every config:
 
-An unknown (or ambiguous) key raises a ``KeyError`` that names it and lists the candidates.
+* ``lr=1e-4`` sets a top-level field or, when unambiguous, the field of exactly one nested
+  config (``num_tokens=8`` reaches ``adapter.num_tokens``);
+* ``adapter.num_tokens=8`` (or ``adapter__num_tokens=8``) names the path explicitly;
+* ``adapter={"num_cma": 2}`` merges a mapping into a nested config;
+* a string value (the command line) is parsed by the field's type (``int``, ``float``,
+  ``bool``, a ``Literal`` choice, ``None`` for an optional field, JSON for tuples, lists and
+  dicts); any other value is type-checked against it.
+
+Every mistake raises :class:`ConfigError` naming the key (a ``KeyError`` for an unknown or
+ambiguous key, a ``ValueError`` for a bad value: it is both).
 
 Choices recorded here (spec ../shared/spec/avmoe.md §8, numbers are that list's items):
 
@@ -34,30 +42,249 @@ Choices recorded here (spec ../shared/spec/avmoe.md §8, numbers are that list's
   ``audio.mixup`` reproduce the official train-mode behaviour.
 * §8.9 warm starts (DG-SCT AVE head, AVQA grounding) are not part of the model; the
   trainer may load them with ``strict=False``.
-* §8.13 AVQA: 42 answers; vocab size comes in the config (93 = original train json).
+* §8.10 model selection: always on the validation split (``val_split`` of the training
+  config; the released AVE / AVS scripts select on test, which ``val_split=test`` reproduces).
+* §8.13 AVQA: 42 answers; vocab size comes from the shards' manifest.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import types
+import typing
 from dataclasses import dataclass, field, fields, is_dataclass
-from typing import Any, Mapping
+from functools import lru_cache
+from typing import Any, Literal, Mapping
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-ADAPTER_KINDS = ("moe", "lavish", "avpea", "none")
-UA_VARIANTS = ("none", "paramfree", "v1", "v2")
-BRIDGES = ("dense", "pool", "linear")
+
+class ConfigError(KeyError, ValueError):
+    """A configuration mistake; the message names the key."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
 
 
-def _choice(name: str, value: Any, choices: tuple) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+# --------------------------------------------------------------------------- types
+
+
+@lru_cache(maxsize=None)
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _union_args(tp) -> tuple | None:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return typing.get_args(tp)
+    return None
+
+
+def describe(tp) -> str:
+    """Human-readable type, for error messages."""
+    arms = _union_args(tp)
+    if arms is not None:
+        return " or ".join(describe(a) for a in arms)
+    if tp is type(None):
+        return "none"
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(map(repr, typing.get_args(tp)))
+    origin = typing.get_origin(tp)
+    if origin in (tuple, list):
+        return f"a JSON list ({getattr(tp, '__name__', str(tp))})"
+    if origin is dict or tp is dict:
+        return "a JSON object"
+    return getattr(tp, "__name__", str(tp))
+
+
+def type_ok(value: Any, tp) -> bool:
+    """Whether ``value`` is an acceptable value of the annotation ``tp`` (ints stand for
+    floats, lists for tuples, mappings for nested configs)."""
+    if tp is Any:
+        return True
+    arms = _union_args(tp)
+    if arms is not None:
+        return any(type_ok(value, a) for a in arms)
+    if tp is type(None):
+        return value is None
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return any(value == c and type(value) is type(c) for c in typing.get_args(tp))
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is str:
+        return isinstance(value, str)
+    if origin in (tuple, list):
+        if not isinstance(value, (tuple, list)):
+            return False
+        args = typing.get_args(tp)
+        if not args:
+            return True
+        if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+            return all(type_ok(v, args[0]) for v in value)
+        if origin is tuple:
+            return len(value) == len(args) and all(type_ok(v, a) for v, a in zip(value, args))
+        return all(type_ok(v, args[0]) for v in value)
+    if origin is dict or tp is dict:
+        return isinstance(value, Mapping)
+    if isinstance(tp, type) and is_dataclass(tp):
+        return isinstance(value, (tp, Mapping))
+    return isinstance(value, tp) if isinstance(tp, type) else True
+
+
+def parse_text(key: str, text: str, tp) -> Any:
+    """Command-line text -> a value of the annotation ``tp`` (see the module docstring)."""
+    low = text.strip().lower()
+    arms = _union_args(tp) or (tp,)
+    if low in ("none", "null") and type(None) in arms:
+        return None
+    candidates: list[Any] = []
+    for arm in arms:
+        if arm is type(None):
+            continue
+        origin = typing.get_origin(arm)
+        try:
+            if origin is Literal:
+                for c in typing.get_args(arm):
+                    if str(c) == text.strip():
+                        candidates.append(c)
+            elif arm is bool:
+                if low in ("1", "true", "yes", "on"):
+                    candidates.append(True)
+                elif low in ("0", "false", "no", "off"):
+                    candidates.append(False)
+            elif arm is int:
+                candidates.append(int(text))
+            elif arm is float:
+                candidates.append(float(text))
+            elif origin in (tuple, list, dict) or arm in (tuple, list, dict) or (
+                    isinstance(arm, type) and is_dataclass(arm)):
+                v = json.loads(text)
+                if type_ok(v, arm):
+                    candidates.append(tuple(v) if origin is tuple else v)
+            elif arm is str or arm is Any:
+                candidates.append(text)
+        except (ValueError, json.JSONDecodeError):
+            continue
+    if not candidates:
+        raise ConfigError(f"{key} must be {describe(tp)}; got {text!r}")
+    return candidates[0]
+
+
+def coerce(key: str, value: Any, tp) -> Any:
+    """A Python value checked against ``tp`` (lists become tuples where a tuple is expected,
+    ints floats)."""
+    if not type_ok(value, tp):
+        raise ConfigError(f"{key} must be {describe(tp)}; got {value!r}")
+    arms = _union_args(tp) or (tp,)
+    if isinstance(value, list) and any(typing.get_origin(a) is tuple for a in arms):
+        return tuple(value)
+    if isinstance(value, int) and not isinstance(value, bool) and float in arms and int not in arms:
+        return float(value)
+    return value
+
+
+# --------------------------------------------------------------------------- base class
 
 
 @dataclass
-class VisualConfig:
+class Config:
+    """Base of every typed config: generic checks of types and ``Literal`` choices, nested
+    configs included, then the subclass's cross-field ``check()``."""
+
+    def validate(self, prefix: str = "") -> "Config":
+        hints = _hints(type(self))
+        for f in fields(self):
+            value, key = getattr(self, f.name), prefix + f.name
+            if isinstance(value, Config):
+                value.validate(key + ".")
+            elif not type_ok(value, hints[f.name]):
+                raise ConfigError(f"{key} must be {describe(hints[f.name])}; got {value!r}")
+        self.check(prefix)
+        return self
+
+    def check(self, prefix: str = "") -> None:
+        """Cross-field rules of a subclass; raise ConfigError naming ``prefix + field``."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------- overrides
+
+
+def _nested(cfg: Any) -> dict[str, Any]:
+    return {f.name: getattr(cfg, f.name) for f in fields(cfg) if is_dataclass(getattr(cfg, f.name))}
+
+
+def resolve_key(cfg: Any, key: str) -> list[str]:
+    """Path of field names an override key names (see the module docstring)."""
+    parts = key.replace("__", ".").split(".")
+    if len(parts) > 1:
+        obj = cfg
+        for i, p in enumerate(parts):
+            if not is_dataclass(obj) or p not in {f.name for f in fields(obj)}:
+                raise ConfigError(f"unknown config key {key!r} (no field {p!r} at "
+                                  f"{'.'.join(parts[:i]) or type(cfg).__name__})")
+            obj = getattr(obj, p)
+        return parts
+    if key in {f.name for f in fields(cfg)}:
+        return [key]
+    hits = [[n, key] for n, sub in _nested(cfg).items() if key in {f.name for f in fields(sub)}]
+    if len(hits) == 1:
+        return hits[0]
+    if hits:
+        raise ConfigError(f"ambiguous config key {key!r}: use one of {['.'.join(h) for h in hits]}")
+    known = sorted({f.name for f in fields(cfg)} | {
+        f"{n}.{f.name}" for n, sub in _nested(cfg).items() for f in fields(sub)})
+    raise ConfigError(f"unknown config key {key!r} for {type(cfg).__name__}; known: {', '.join(known)}")
+
+
+def field_type(cfg: Any, path: list[str]):
+    obj = cfg
+    for p in path[:-1]:
+        obj = getattr(obj, p)
+    return _hints(type(obj))[path[-1]]
+
+
+def apply_overrides(cfg: Any, overrides: Mapping[str, Any], *, validate: bool = True,
+                    prefix: str = "") -> Any:
+    """Set ``overrides`` on ``cfg`` in place (validated afterwards) and return it."""
+    for key, value in overrides.items():
+        path = resolve_key(cfg, key)
+        name = prefix + ".".join(path)
+        obj = cfg
+        for p in path[:-1]:
+            obj = getattr(obj, p)
+        old = getattr(obj, path[-1])
+        tp = _hints(type(obj))[path[-1]]
+        if is_dataclass(old) and isinstance(value, Mapping):
+            apply_overrides(old, value, validate=False, prefix=name + ".")
+            continue
+        if isinstance(value, str):  # text: parsed by the field's type ("none" = None where optional)
+            value = parse_text(name, value, tp)
+        setattr(obj, path[-1], coerce(name, value, tp))
+    if validate and isinstance(cfg, Config):
+        cfg.validate(prefix)
+    return cfg
+
+
+def from_dict(cls: type, d: Mapping[str, Any]):
+    """A config of class ``cls`` from a (possibly nested) dict, e.g. ``to_dict()``'s output."""
+    return apply_overrides(cls(), d)
+
+
+# --------------------------------------------------------------------------- shared configs
+
+
+@dataclass
+class VisualConfig(Config):
     """Frozen timm Swin-V2 visual encoder. Arch fields left ``None`` keep the timm model's own."""
 
     name: str = "swinv2_large_window12_192"
@@ -74,7 +301,7 @@ class VisualConfig:
 
 
 @dataclass
-class AudioConfig:
+class AudioConfig(Config):
     """HTS-AT: log-mel front-end + Swin-V1 over the folded spectrogram image (spec §1.1)."""
 
     sample_rate: int = 32000
@@ -101,75 +328,51 @@ class AudioConfig:
     def segment_samples(self) -> int:
         return int(round(self.sample_rate * self.segment_seconds))
 
-    def validate(self) -> None:
+    def check(self, prefix: str = "") -> None:
         if self.n_mels > self.spec_size // self.freq_ratio:
-            raise ValueError(
-                f"n_mels={self.n_mels} exceeds spec_size/freq_ratio={self.spec_size // self.freq_ratio}"
-            )
+            raise ConfigError(f"{prefix}n_mels={self.n_mels} exceeds spec_size/freq_ratio="
+                              f"{self.spec_size // self.freq_ratio}")
 
 
 @dataclass
-class AdapterConfig:
+class AdapterConfig(Config):
     """The adapters inserted into the paired blocks (spec §2)."""
 
-    kind: str = "moe"  # moe | lavish (single latent-token CMA) | avpea | none (frozen trunk)
+    # moe | lavish (single latent-token CMA) | avpea | none (frozen trunk)
+    kind: Literal["moe", "lavish", "avpea", "none"] = "moe"
     num_cma: int = 1  # cross-modal experts
     num_ua: int = 1  # unimodal experts
-    ua_variant: str = "v2"  # none | paramfree (AVVP NxN) | v1 (MHA) | v2 (token compression)
+    # none | paramfree (AVVP NxN) | v1 (MHA) | v2 (token compression)
+    ua_variant: Literal["none", "paramfree", "v1", "v2"] = "v2"
     num_tokens: int = 32  # latent tokens K
     reduction: int = 8  # bottleneck D -> D / r
     groups: int = 2  # grouped 1x1 conv G
     use_bn: bool = False
     visual_gate: bool = True  # zero-init output gate on visual experts (always in the code)
     audio_gate: bool = True  # is_gate: False = audio experts add an ungated residual from step 0
-    bridge: str = "dense"  # dense | pool | linear
+    bridge: Literal["dense", "pool", "linear"] = "dense"
     num_skip: int = 2  # 2: stages 1 and 3 unadapted; 1: all stages
     adapted_stages: tuple[int, ...] | None = None  # overrides num_skip when set
     router_hidden: tuple[int, ...] = (128, 32)
     router_noise: float = 0.0  # std of Gaussian logit noise in training (AVS: 0.01)
     lb_weight: float = 0.0
-    lb_reduction: str = "sum"  # sum | mean over adapters
+    lb_reduction: Literal["sum", "mean"] = "sum"  # over adapters
     lb_batchmean: bool = True
     ua_relu: bool = False
     attn_scale: bool = False
     mha_heads: int = 4  # UA v1
     mha_dropout: float = 0.2
 
-    def validate(self) -> None:
-        _choice("adapter.kind", self.kind, ADAPTER_KINDS)
-        _choice("adapter.ua_variant", self.ua_variant, UA_VARIANTS)
-        _choice("adapter.bridge", self.bridge, BRIDGES)
-        _choice("adapter.lb_reduction", self.lb_reduction, ("sum", "mean"))
+    def check(self, prefix: str = "") -> None:
         if self.kind == "moe" and self.num_cma + self.num_ua < 1:
-            raise ValueError("adapter.kind='moe' needs at least one expert (num_cma + num_ua >= 1)")
+            raise ConfigError(f"{prefix}kind='moe' needs at least one expert (num_cma + num_ua >= 1)")
         if min(self.num_cma, self.num_ua) < 0 or self.num_tokens < 1 or self.reduction < 1:
-            raise ValueError("adapter counts, num_tokens and reduction must be positive")
+            raise ConfigError(f"{prefix}num_cma/num_ua/num_tokens/reduction: adapter counts, "
+                              "num_tokens and reduction must be positive")
 
 
 @dataclass
-class OptimConfig:
-    """Optimisation defaults of the released scripts (spec §3). Gradient accumulation sums
-    gradients without dividing the loss in the code; the trainer decides what to do."""
-
-    optimizer: str = "adam"
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    scheduler: str = "none"  # step | none
-    step_size: int = 0  # epochs
-    gamma: float = 1.0
-    epochs: int = 1
-    batch_size: int = 2
-    grad_accum: int = 1
-    early_stop: int | None = None  # epochs without improvement
-    seed: int = 0
-    select_split: str = "val"
-
-    def validate(self) -> None:
-        _choice("optim.scheduler", self.scheduler, ("step", "none"))
-
-
-@dataclass
-class TemporalConfig:
+class TemporalConfig(Config):
     """The CMRAN/DG-SCT TemporalAttention encoder shared by AVE and AVS (spec §3.1 steps 3-6)."""
 
     audio_dim: int = 128  # audio LSTM input; its hidden size (bi-LSTM out = 2x)
@@ -182,143 +385,64 @@ class TemporalConfig:
 
 
 @dataclass
-class TaskConfig:
-    """Fields shared by every task; subclasses add the head's."""
+class TaskConfig(Config):
+    """The model config fields shared by every task; a task's config adds its head's."""
 
     task: str = ""
     preset: str = ""
-    num_segments: int = 10  # 1-s segments per sample (AVS 5); sizes AVVP's HAN block
+    num_segments: int = 10  # 1-s segments per sample, from the shards' manifest
     visual: VisualConfig = field(default_factory=VisualConfig)
     audio: AudioConfig = field(default_factory=AudioConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
     backbone_train_mode: bool = False
 
-    def validate(self) -> None:
-        for f in fields(self):
-            v = getattr(self, f.name)
-            if hasattr(v, "validate"):
-                v.validate()
-
 
 @dataclass
-class AVEConfig(TaskConfig):
-    num_classes: int = 28  # + background (index 28) in the labels
-    visual_dim: int = 512  # Linear(1536 -> 512) + ReLU + Dropout before the visual LSTM
-    temporal: TemporalConfig = field(default_factory=TemporalConfig)
-    gate_scale: float = 0.1  # V_q <- V_q (1 + 0.1 g_a)
-    topk: int = 4  # CMBS top-k mean over time
-    av_score_weight: float = 0.3
+class OptimConfig(Config):
+    """Optimisation schedule. A task's ``training_defaults(preset)`` fills every field from the
+    released scripts (spec §3); in ``TrainConfig.optim`` a field left ``None`` takes that default.
 
+    Gradient accumulation: DeepSpeed averages the loss over the accumulation window (the
+    released scripts sum it; with Adam that only changes epsilon's relative weight, spec §8.14).
+    The step scheduler's ``step_size`` is in epochs."""
 
-@dataclass
-class AVVPConfig(TaskConfig):
-    num_classes: int = 25
-    dim: int = 128
-    st_dim: int = 512  # R(2+1)D-18 clip features
-    depth_vis: int = 3
-    depth_aud: int = 3
-    depth_av: int = 6
-    num_heads: int = 8
-    drop_path: float = 0.1
-    audio_target_scale: float = 1.0  # Pa = a*y + (1-a)*0.5
-    visual_target_scale: float = 0.9  # Pv = 0.9 y + 0.05 (label smoothing on the visual target)
-    clamp_eps: float = 1e-7
+    optimizer: Literal["adam", "adamw"] | None = None  # torch optimizers (no DeepSpeed op build)
+    lr: float | None = None
+    weight_decay: float | None = None
+    scheduler: Literal["step", "none"] | None = None
+    step_size: int | None = None  # epochs
+    gamma: float | None = None
+    epochs: int | None = None
+    batch_size: int | None = None  # per worker (micro-batch)
+    grad_accum: int | None = None
+    early_stop: int | None = None  # epochs without validation improvement; None/0 = off
+    seed: int | None = None
 
+    def merged(self, over: "OptimConfig") -> "OptimConfig":
+        """These values with ``over``'s non-None ones on top."""
+        return dataclasses.replace(self, **{f.name: getattr(over, f.name) for f in fields(over)
+                                            if getattr(over, f.name) is not None})
 
-@dataclass
-class AVSConfig(TaskConfig):
-    setting: str = "s4"  # s4 | ms3
-    channels: int = 256  # audio is projected to temporal.audio_dim (128)
-    map_sizes: tuple[int, ...] = (56, 28, 14, 7)  # mask = 4 x map_sizes[0] (224)
-    decoder_mid: int = 128
-    decoder_last: int = 32
-    temporal: TemporalConfig = field(default_factory=TemporalConfig)
-    gamma: float = 0.05  # S4 0.05 (hard-coded), MS3 0.1
-    avm_weight: float = 0.0  # MS3: 0.5
-    eval_videos_per_batch: int | None = 4  # AVSBench test batch (metrics quirk)
+    def check(self, prefix: str = "") -> None:
+        for name in ("epochs", "batch_size", "grad_accum", "step_size"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise ConfigError(f"{prefix}{name} must be >= 1; got {v}")
+        for name in ("lr", "weight_decay", "gamma"):
+            v = getattr(self, name)
+            if v is not None and v < 0:
+                raise ConfigError(f"{prefix}{name} must be >= 0; got {v}")
+        if self.early_stop is not None and self.early_stop < 0:
+            raise ConfigError(f"{prefix}early_stop must be >= 0; got {self.early_stop}")
 
-    def validate(self) -> None:
-        super().validate()
-        _choice("setting", self.setting, ("s4", "ms3"))
-        if len(self.map_sizes) != 4:
-            raise ValueError("map_sizes must have 4 entries (one per Swin stage)")
-
-    @property
-    def mask_size(self) -> int:
-        return 4 * self.map_sizes[0]
-
-
-@dataclass
-class AVQAConfig(TaskConfig):
-    vocab_size: int = 93
-    num_answers: int = 42
-    max_question_len: int = 14
-    match_weight: float = 0.5
-    match_hidden: tuple[int, ...] = (512, 256, 128)
-    qa_heads: int = 4
-    dropout: float = 0.1
-
-
-# --------------------------------------------------------------------------- overrides
-
-
-def _nested_fields(cfg: Any) -> dict[str, Any]:
-    return {f.name: getattr(cfg, f.name) for f in fields(cfg) if is_dataclass(getattr(cfg, f.name))}
-
-
-def _resolve(cfg: Any, key: str) -> list[str]:
-    """Path of field names for an override key (see module docstring)."""
-    parts = key.replace("__", ".").split(".")
-    if len(parts) > 1:
-        obj = cfg
-        for i, p in enumerate(parts):
-            if not is_dataclass(obj) or p not in {f.name for f in fields(obj)}:
-                raise KeyError(f"unknown config key {key!r} (no field {p!r} at "
-                               f"{'.'.join(parts[:i]) or type(cfg).__name__})")
-            obj = getattr(obj, p)
-        return parts
-    if key in {f.name for f in fields(cfg)}:
-        return [key]
-    hits = [[n, key] for n, sub in _nested_fields(cfg).items() if key in {f.name for f in fields(sub)}]
-    if len(hits) == 1:
-        return hits[0]
-    if hits:
-        raise KeyError(f"ambiguous config key {key!r}: use one of {['.'.join(h) for h in hits]}")
-    known = sorted({f.name for f in fields(cfg)} | {
-        f"{n}.{f.name}" for n, sub in _nested_fields(cfg).items() for f in fields(sub)})
-    raise KeyError(f"unknown config key {key!r} for {type(cfg).__name__}; known: {', '.join(known)}")
-
-
-def _coerce(old: Any, new: Any) -> Any:
-    if isinstance(old, tuple) and isinstance(new, list):
-        return tuple(new)
-    if isinstance(old, float) and isinstance(new, int) and not isinstance(new, bool):
-        return float(new)
-    return new
-
-
-def apply_overrides(cfg: Any, overrides: Mapping[str, Any]) -> Any:
-    """Set ``overrides`` on ``cfg`` in place (validated afterwards) and return it."""
-    for key, value in overrides.items():
-        path = _resolve(cfg, key)
-        obj = cfg
-        for p in path[:-1]:
-            obj = getattr(obj, p)
-        old = getattr(obj, path[-1])
-        if is_dataclass(old) and isinstance(value, Mapping):
-            apply_overrides(old, {k: v for k, v in value.items()})
-        elif is_dataclass(old) and not isinstance(value, type(old)):
-            raise TypeError(f"{key} must be a {type(old).__name__} or a dict, got {type(value).__name__}")
-        else:
-            setattr(obj, path[-1], _coerce(old, value))
-    if hasattr(cfg, "validate"):
-        cfg.validate()
-    return cfg
-
-
-def to_dict(cfg: Any) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
+    def check_complete(self, prefix: str = "") -> None:
+        """The resolved schedule has every field the trainer needs."""
+        missing = [f.name for f in fields(self) if getattr(self, f.name) is None
+                   and f.name not in ("early_stop", "step_size", "gamma")]
+        if missing:
+            raise ConfigError(f"{prefix}{missing[0]}: no value and no task default")
+        if self.scheduler == "step" and not self.step_size:
+            raise ConfigError(f"{prefix}step_size: scheduler=step needs step_size=N (epochs)")
 
 
 # --------------------------------------------------------------------------- shared presets

@@ -1,6 +1,7 @@
 """Parameter accounting by component, built on the meta device (no memory, no weights).
 
-    python -m avmoe.params --task ave --preset paper [--bridge pool] [--setting ms3] [--set k=v ...]
+    python -m avmoe.params --task ave --preset paper [--bridge pool] [--set k=v ...]
+    python -m avmoe.params --task avs-ms3 --preset paper       # a task variant by its full name
     python -m avmoe.params --all --preset paper      # markdown table: every task x {dense, pool}
 
 Components: frozen visual / audio backbones; adapter bridges split into the token-count map
@@ -12,7 +13,6 @@ other adapter parameters (LAVisH / AV-PEA); the task head. "trainable" counts
 from __future__ import annotations
 
 import argparse
-import ast
 from collections import OrderedDict
 from typing import Any
 
@@ -77,17 +77,17 @@ def format_table(counts: "OrderedDict[str, tuple[int, int]]") -> str:
 
 
 def _all_rows(preset: str) -> list[str]:
+    from avmoe.tasks import task_variants
+
     rows = ["| task | bridge | adapters | of which token map | bridges (token + dim) | routers | CMA | UA "
             "| head | trainable | total |", "|" + "---|" * 11]
-    for task, variant in (("ave", {}), ("avvp", {}), ("avs", {"setting": "s4"}), ("avs", {"setting": "ms3"}),
-                          ("avqa", {})):
+    for task in task_variants():
         for bridge in ("dense", "pool"):
-            model, _ = build_meta(task, preset, bridge=bridge, **variant)
+            model, _ = build_meta(task, preset, bridge=bridge)
             c = count_parameters(model)
             g = lambda k: c.get(k, (0, 0))[0]  # noqa: E731
             adapters = sum(g(k) for k in COMPONENTS[2:8])
-            label = task + (f"-{variant['setting']}" if variant else "")
-            rows.append(f"| {label} | {bridge} | {_m(adapters)} | {_m(g('bridge token map'))} | "
+            rows.append(f"| {task} | {bridge} | {_m(adapters)} | {_m(g('bridge token map'))} | "
                         f"{_m(g('bridge token map') + g('bridge dim map'))} | {_m(g('router'))} | "
                         f"{_m(g('CMA experts'))} | {_m(g('UA experts'))} | {_m(g('head'))} | "
                         f"{_m(c['total'][0])} | {_m(c['total'][1])} |")
@@ -97,27 +97,18 @@ def _all_rows(preset: str) -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m avmoe.params", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--task", default="ave")
+    ap.add_argument("--task", default="ave", help="a task or task-variant name (avmoe.tasks.task_variants())")
     ap.add_argument("--preset", default="paper")
     ap.add_argument("--bridge", choices=("dense", "pool", "linear"))
-    ap.add_argument("--setting", choices=("s4", "ms3"), help="AVS only")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
     ap.add_argument("--all", action="store_true", help="markdown table of every task and both bridges")
     args = ap.parse_args(argv)
     if args.all:
         print("\n".join(_all_rows(args.preset)))
         return
-    overrides: dict[str, Any] = {}
-    for kv in args.set:
-        k, _, v = kv.partition("=")
-        try:
-            overrides[k] = ast.literal_eval(v)
-        except (ValueError, SyntaxError):
-            overrides[k] = v
+    overrides: dict[str, Any] = dict(kv.partition("=")[::2] for kv in args.set)  # text: typed by the config
     if args.bridge:
         overrides["bridge"] = args.bridge
-    if args.setting:
-        overrides["setting"] = args.setting
     model, cfg = build_meta(args.task, args.preset, **overrides)
     print(f"task={args.task} preset={args.preset} bridge={cfg.adapter.bridge} adapter={cfg.adapter.kind}")
     print(format_table(count_parameters(model)))

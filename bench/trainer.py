@@ -41,7 +41,7 @@ def bare_loop(data: str, steps: int, batch_size: int, seed: int) -> list[float]:
     from data_pipeline.ingest import IngestConfig, ShardStream
 
     torch.set_num_threads(1)
-    tcfg = prepare(TrainConfig(task="ave", data=data, storage="unused", workers=1, batch_size=batch_size,
+    tcfg = prepare(TrainConfig.of(task="ave", data=data, storage="unused", workers=1, batch_size=batch_size,
                                grad_accum=1, seed=seed))
     cfg = tcfg.task_config()
     task = get_task("ave")
@@ -67,7 +67,7 @@ def trainer_run(data: str, storage: str, name: str, workers: int, zero: int, ste
                 seed: int) -> dict:
     from avmoe.train import TrainConfig, fit, prepare
 
-    tcfg = prepare(TrainConfig(task="ave", data=data, storage=storage, name=name, workers=workers,
+    tcfg = prepare(TrainConfig.of(task="ave", data=data, storage=storage, name=name, workers=workers,
                                cpus_per_worker=1.0 if workers == 1 else 0.5, decode_cpus=0.5,
                                zero_stage=zero, epochs=1, batch_size=batch_size, grad_accum=1, seed=seed,
                                limit_train_batches=steps, limit_eval_batches=1, test=False, plots=False,

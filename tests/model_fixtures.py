@@ -14,8 +14,10 @@ from torch import nn
 
 from avmoe.batch import AVBatch
 
-TASK_NAMES = ("ave", "avvp", "avs", "avqa")
-TEST_SEGMENTS = {"ave": 4, "avvp": 4, "avs": 3, "avqa": 4}  # fewer than the data's 10 / 5: CPU time
+from avmoe.tasks import get_task, task_variants
+
+TASK_NAMES = tuple(task_variants())  # every task and variant, from the registry
+TEST_SEGMENTS = 4  # at most this many segments in the model tests (the data's 10 / 5 cost CPU time)
 
 
 @contextlib.contextmanager
@@ -31,38 +33,7 @@ def single_thread() -> Iterator[None]:
 
 def make_batch(task: str, cfg, batch_size: int = 2, seed: int = 0, frame_hw=(40, 48)) -> AVBatch:
     """A fixed random batch in the shard format (uint8 frames at another size, int16 audio)."""
-    g = torch.Generator().manual_seed(seed)
-    b, t = batch_size, cfg.num_segments
-    frames = torch.randint(0, 256, (b, t, *frame_hw, 3), dtype=torch.uint8, generator=g)
-    audio = (torch.randn(b, t * cfg.audio.segment_samples, generator=g) * 3000).to(torch.int16)
-    tg: dict[str, torch.Tensor] = {}
-    if task == "ave":
-        labels = torch.randint(0, 28, (b, 1), generator=g).expand(b, t).clone()
-        labels[:, 0] = 28  # one background segment per video
-        tg["segment_labels"] = labels
-    elif task == "avvp":
-        c = cfg.num_classes
-        tg["video_labels"] = (torch.rand(b, c, generator=g) > 0.85).float()
-        tg["features"] = torch.randn(b, t, cfg.st_dim, generator=g)
-        tg["gt_audio"] = (torch.rand(b, c, t, generator=g) > 0.9).to(torch.uint8)
-        tg["gt_visual"] = (torch.rand(b, c, t, generator=g) > 0.9).to(torch.uint8)
-    elif task == "avs":
-        s = cfg.mask_size
-        yy, xx = torch.meshgrid(torch.arange(s), torch.arange(s), indexing="ij")
-        masks = torch.zeros(b, t, s, s, dtype=torch.uint8)
-        for i in range(b):  # a different box per video
-            masks[i, :, (yy >= 4 + 4 * i) & (yy < 20) & (xx >= 6) & (xx < 22 + 2 * i)] = 1
-        tg["masks"] = masks
-        valid = torch.ones(b, t, dtype=torch.bool)
-        if cfg.setting == "s4":
-            valid[:, 1:] = False  # S4 train: first frame only
-        tg["mask_valid"] = valid
-    elif task == "avqa":
-        tg["question_ids"] = torch.randint(1, cfg.vocab_size, (b, cfg.max_question_len), generator=g)
-        tg["question_ids"][:, -2:] = 0  # padding
-        tg["answer"] = torch.arange(b) % cfg.num_answers
-        tg["question_type"] = torch.arange(b) % 9
-    return AVBatch(frames=frames, audio=audio, targets=tg, keys=[f"v{i}" for i in range(b)])
+    return get_task(task).example_batch(cfg, batch_size=batch_size, seed=seed, frame_hw=frame_hw)
 
 
 def randomize_backbones_(model: nn.Module, seed: int = 0) -> None:
@@ -92,11 +63,9 @@ def open_gates_(model: nn.Module, value: float = 0.5) -> None:
 
 def build_tiny(task: str, seed: int = 0, **overrides):
     """(task object, cfg, model) for a tiny preset with deterministic init and a non-trivial backbone."""
-    from avmoe.tasks import get_task
-
     torch.manual_seed(seed)
     t = get_task(task)
-    overrides.setdefault("num_segments", TEST_SEGMENTS[task])
+    overrides.setdefault("num_segments", min(TEST_SEGMENTS, t.config(preset="tiny").num_segments))
     cfg = t.config(preset="tiny", **overrides)
     model = t.build_model(cfg)
     randomize_backbones_(model, seed)

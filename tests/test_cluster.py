@@ -17,7 +17,11 @@ REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"
 LAUNCHER = [CLUSTER / "aws.yaml", CLUSTER / "gcp.yaml"]
 KUBERAY = sorted((CLUSTER / "kuberay").glob("*.yaml"))
-TASK_JOBS = {"ave", "avvp", "avs", "avqa"}
+
+def _task_jobs() -> set[str]:
+    from avmoe.tasks import list_tasks
+
+    return set(list_tasks())
 
 # Field names of the KubeRay v1 CRDs, from ray-project/kuberay ray-operator/apis/ray/v1/
 # rayjob_types.go (RayJobSpec) and raycluster_types.go (RayClusterSpec, HeadGroupSpec,
@@ -109,20 +113,26 @@ def _check_cluster_spec(spec: dict, where: str) -> list[str]:
 def test_kuberay_manifests_use_crd_field_names():
     kinds = {}
     errs: list[str] = []
+    selectors: list[dict] = []
+    cluster_labels: dict = {}
     for f in KUBERAY:
         d = yaml.safe_load(f.read_text())
         assert d["apiVersion"] == "ray.io/v1", f
         kinds.setdefault(d["kind"], []).append(f.name)
         if d["kind"] == "RayJob":
             errs += _unknown(d["spec"], RAYJOB_SPEC, f"{f.name}.spec")
-            errs += _check_cluster_spec(d["spec"]["rayClusterSpec"], f"{f.name}.spec.rayClusterSpec")
-            assert d["spec"]["shutdownAfterJobFinishes"] is True
+            # the cluster spec is written once (raycluster.yaml); every RayJob selects that cluster
+            assert "rayClusterSpec" not in d["spec"], f
+            selectors.append(d["spec"]["clusterSelector"])
             assert "s3://" in d["spec"]["entrypoint"]  # checkpoints/results on object storage
         else:
             assert d["kind"] == "RayCluster"
             errs += _check_cluster_spec(d["spec"], f"{f.name}.spec")
+            cluster_labels = d["metadata"]["labels"]
     assert not errs, errs
-    assert len(kinds["RayCluster"]) == 1 and len(kinds["RayJob"]) == len(TASK_JOBS)
+    assert len(kinds["RayCluster"]) == 1 and len(kinds["RayJob"]) == len(_task_jobs())
+    for sel in selectors:  # the selector matches the one RayCluster
+        assert sel and all(cluster_labels.get(k) == v for k, v in sel.items()), (sel, cluster_labels)
     # the checker is real: a misspelt field is reported
     assert _unknown({"shutdownAfterJobFinish": True}, RAYJOB_SPEC, "x")
 
@@ -138,7 +148,7 @@ def test_rayjobs_name_existing_job_scripts():
         assert m, d["spec"]["entrypoint"]
         named.add(m.group(2))
         assert (REPO / m.group(1)).is_file(), f"{f.name}: {m.group(1)} does not exist"
-    assert named == TASK_JOBS
+    assert named == _task_jobs()
 
 
 def test_podmonitors():

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from avmoe.params import COMPONENTS, build_meta, count_parameters, format_table, main
+from avmoe.tasks import task_variants
 
 ADAPTER_PARTS = COMPONENTS[2:8]
 
@@ -14,9 +15,9 @@ ADAPTER_PARTS = COMPONENTS[2:8]
 SPEC_BUDGET = [
     ("ave", "official", {}, 90.6, 76.4),
     ("avvp", "official", {}, 111.9, 81.2),
-    ("avs", "official", {"setting": "s4"}, 198.0, 81.2),  # S4 train script (v1 MHA UA)
-    ("avs", "paper", {"setting": "s4", "ua_variant": "v1"}, 166.0, 76.4),  # S4 test script
-    ("avs", "official", {"setting": "ms3"}, 108.0, 76.4),
+    ("avs-s4", "official", {}, 198.0, 81.2),  # S4 train script (v1 MHA UA)
+    ("avs-s4", "paper", {"ua_variant": "v1"}, 166.0, 76.4),  # S4 test script
+    ("avs-ms3", "official", {}, 108.0, 76.4),
     ("avqa", "official", {}, 110.0, 81.2),
 ]
 
@@ -37,11 +38,10 @@ def test_official_budgets_match_spec(task, preset, overrides, adapters_m, token_
     assert counts["audio backbone"][0] == 0
 
 
-@pytest.mark.parametrize("task,overrides", [("ave", {}), ("avvp", {}), ("avs", {"setting": "s4"}),
-                                            ("avs", {"setting": "ms3"}), ("avqa", {})])
-def test_paper_presets_on_meta_and_pool_bridge(task, overrides):
-    dense, _ = build_meta(task, "paper", **overrides)
-    pool, _ = build_meta(task, "paper", bridge="pool", **overrides)
+@pytest.mark.parametrize("task", task_variants())
+def test_paper_presets_on_meta_and_pool_bridge(task):
+    dense, _ = build_meta(task, "paper")
+    pool, _ = build_meta(task, "paper", bridge="pool")
     cd, cp = count_parameters(dense), count_parameters(pool)
     assert "bridge token map" not in cp
     assert cd["total"][0] - cp["total"][0] == cd["bridge token map"][0]

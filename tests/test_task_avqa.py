@@ -52,14 +52,12 @@ def test_negatives_are_the_rolled_frames_through_the_frozen_swin():
 
 
 def test_question_type_formats():
-    pytest.importorskip("avmoe.metrics")
     assert question_types(torch.tensor([0, 8])) == [0, 8]
     assert question_types(torch.tensor([[0, 1], [2, 4]])) == [("Audio", "Comparative"), ("Audio-Visual", "Temporal")]
     assert question_types([("Visual", "Location")]) == [("Visual", "Location")]
 
 
 def test_metric_accumulator():
-    pytest.importorskip("avmoe.metrics")
     t = get_task("avqa")
     acc = t.metric_accumulator(t.config(preset="tiny"))
     acc.update({"answer": torch.tensor([1, 2, 3])},

@@ -1,5 +1,6 @@
-"""avmoe.telemetry: FLOPs/MFU accounting, a live /metrics endpoint fed by a real training loop,
-and a real Prometheus server scraping it (Debian's `prometheus`; skipped when not installable)."""
+"""avmoe.telemetry: FLOPs/MFU accounting, a live /metrics endpoint of a real training run (the
+trainer itself, in-process, on synthetic shards: ``avmoe.telemetry.demo.DemoRun``), and a real
+Prometheus server scraping it (Debian's `prometheus`; skipped when not installable)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.parse
@@ -24,19 +24,12 @@ from conftest import REPO, free_port, stop_process  # noqa: E402
 from model_fixtures import build_tiny, make_batch, single_thread  # noqa: E402
 
 from avmoe.telemetry import GPU_METRICS, METRICS, WorkerMetrics, flops_per_sample, peak_flops_for  # noqa: E402
-from avmoe.telemetry.demo import run_instrumented_loop  # noqa: E402
+from avmoe.telemetry.demo import DemoRun  # noqa: E402
 from avmoe.telemetry.render import render, scrape  # noqa: E402
 
 
 def _loss_fn(task, cfg):
     return lambda m, b: task.loss(m(b), b, cfg)[0]
-
-
-def _batches(task_name, cfg):
-    seed = 0
-    while True:
-        seed += 1
-        yield make_batch(task_name, cfg, seed=seed)
 
 
 # ---------------------------------------------------------------------------- FLOPs / MFU
@@ -112,39 +105,20 @@ def _values(samples, name, **labels):
 
 
 @pytest.fixture
-def tiny_run(tmp_path):
-    """A WorkerMetrics on 127.0.0.1 fed by a real training loop in a thread (started on demand)."""
+def demo_run(tmp_path, tmp_path_factory, ray_local):
+    """A real training run (the trainer, world size 1, tiny AVE preset on synthetic shards)
+    serving its /metrics on 127.0.0.1, started on demand; stopped at the end of the test."""
     started = []
 
-    def start(job: str, steps: int = 12, sd_dir=None, port=0):
-        task, cfg, model = build_tiny("ave")
-        m = WorkerMetrics(job=job, task="ave", rank=3, node="127.0.0.1", bind_address="127.0.0.1",
-                          port=port, sd_dir=str(sd_dir or tmp_path / "sd"), strict=True)
-        m.start()
-        progress = {"steps": 0, "error": None}
-        stop = threading.Event()
-
-        def loop():
-            try:
-                with single_thread():
-                    run_instrumented_loop(m, model, _loss_fn(task, cfg), _batches("ave", cfg), steps=steps,
-                                          steps_per_epoch=4, checkpoint_every=4,
-                                          checkpoint_dir=str(tmp_path), stop=stop,
-                                          validate=lambda: ("acc", 0.25),
-                                          on_step=lambda n: progress.__setitem__("steps", n))
-            except BaseException as e:  # surfaced by the test
-                progress["error"] = e
-
-        th = threading.Thread(target=loop, daemon=True)
-        th.start()
-        started.append((m, stop, th))
-        return m, th, progress
+    def start(job: str, epochs: int = 3, sd_dir=None, hold_at_end: bool = True):
+        run = DemoRun(str(tmp_path / job), job=job, epochs=epochs, n_train=8, batch_size=2,
+                      sd_dir=str(sd_dir or tmp_path / "sd"), hold_at_end=hold_at_end)
+        started.append(run)
+        return run.start().wait_ready()
 
     yield start
-    for m, stop, th in started:
-        stop.set()
-        th.join(timeout=60)
-        m.close()
+    for run in started:
+        run.stop()
 
 
 def _wait(cond, timeout, what):
@@ -156,19 +130,18 @@ def _wait(cond, timeout, what):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def test_live_scrape_values_change_and_labels(tiny_run, tmp_path):
-    m, th, progress = tiny_run("scrape-run", steps=12)
-    url = f"http://127.0.0.1:{m.port}/metrics"
-    _wait(lambda: progress["steps"] >= 2 or progress["error"], 60, "2 steps")
+def test_live_scrape_values_change_and_labels(demo_run, tmp_path):
+    run = demo_run("scrape-run", epochs=3)  # 8 samples / batch 2 = 4 steps per epoch
+    url = run.url
+    _wait(lambda: run.steps >= 2 or run.error, 90, "2 steps")
     first = scrape(url)
     steps_1 = _values(first, "avmoe_steps_total")[0]
-    _wait(lambda: progress["steps"] >= 10 or progress["error"], 90, "10 steps")
-    th.join(timeout=60)
-    assert progress["error"] is None, progress["error"]
+    _wait(lambda: run.finished.is_set(), 180, "the end of training")  # held: the endpoint stays up
+    assert run.error is None, run.error
     second = scrape(url)
-    labels = {"job": "scrape-run", "task": "ave", "rank": "3", "node": "127.0.0.1"}
+    labels = {"job": "scrape-run", "task": "ave", "rank": "0", "node": "127.0.0.1"}
     for name in ("avmoe_steps_total", "avmoe_samples_per_second", "avmoe_loss", "avmoe_learning_rate",
-                 "avmoe_grad_norm", "avmoe_epoch", "avmoe_flops_per_sample", "avmoe_data_wait_ratio",
+                 "avmoe_epoch", "avmoe_flops_per_sample", "avmoe_data_wait_ratio",
                  "avmoe_checkpoint_save_duration_seconds", "avmoe_model_flops_per_second"):
         vals = _values(second, name, **labels)
         assert len(vals) == 1, (name, vals)
@@ -176,9 +149,12 @@ def test_live_scrape_values_change_and_labels(tiny_run, tmp_path):
     assert steps_1 >= 1 and steps_2 == 12 and steps_2 > steps_1  # the counter moved while we scraped
     assert _values(second, "avmoe_samples_total", **labels) == [24.0]  # 12 steps x batch 2
     assert _values(second, "avmoe_samples_per_second", **labels)[0] > 0
-    assert _values(second, "avmoe_epoch", **labels) == [2.0]  # steps 8..11 are epoch 2
-    assert _values(second, "avmoe_checkpoint_saves_total", **labels) == [3.0]
-    assert _values(second, "avmoe_validation_metric", metric="acc") == [0.25]
+    assert _values(second, "avmoe_epoch", **labels) == [2.0]  # the last of 3 epochs
+    assert _values(second, "avmoe_checkpoint_saves_total", **labels) == [3.0]  # one per epoch
+    results = json.loads((tmp_path / "scrape-run" / "runs" / "scrape-run" / "results.json").read_text())
+    last_val = results["history"][-1]["val"]["acc"]
+    assert _values(second, "avmoe_validation_metric", metric="acc") == [pytest.approx(last_val)]
+    assert results["history"][-1]["step"] == 12
     assert 0.0 <= _values(second, "avmoe_data_wait_ratio")[0] <= 1.0
     # router usage: per adapter position, expert weights are a distribution
     weights = [(lb["adapter"], float(v)) for n, lb, v in second if n == "avmoe_router_expert_weight"]
@@ -192,12 +168,12 @@ def test_live_scrape_values_change_and_labels(tiny_run, tmp_path):
     # every exported sample name is one the README/dashboard table declares
     declared = set(METRICS) | set(GPU_METRICS)
     assert {n for n, _, _ in second} <= declared
-    # file-SD target points at this endpoint, and disappears with it
-    sd = json.loads(m.sd_file.read_text())
-    assert sd[0]["targets"] == [f"127.0.0.1:{m.port}"]
-    sd_file = m.sd_file
-    m.close()
-    assert not sd_file.exists()
+    # the file-SD target points at this endpoint, and disappears with it
+    sd_file = tmp_path / "sd" / "scrape-run-rank0.json"
+    assert json.loads(sd_file.read_text())[0]["targets"] == [f"127.0.0.1:{run.port}"]
+    run.release()
+    run.wait(120)
+    assert not run.alive() and not sd_file.exists()
     with pytest.raises(OSError):
         scrape(url, timeout=2)
     # the PNG renderer draws these series
@@ -306,15 +282,15 @@ def prometheus(tmp_path):
         log.close()
 
 
-def test_real_prometheus_scrapes_a_running_job(prometheus, tiny_run, tmp_path):
+def test_real_prometheus_scrapes_a_running_job(prometheus, demo_run, tmp_path):
     base, sd_dir = prometheus
-    m, th, progress = tiny_run("prom-run", steps=60, sd_dir=sd_dir)
+    run = demo_run("prom-run", epochs=40, sd_dir=sd_dir, hold_at_end=False)  # stopped once scraped
     q = urllib.parse.quote('avmoe_samples_per_second{job="prom-run"}')
     result: list = []
 
     def has_value():
         nonlocal result
-        assert progress["error"] is None, progress["error"]
+        assert run.error is None, run.error
         try:
             with urllib.request.urlopen(f"{base}/api/v1/query?query={q}", timeout=3) as r:
                 body = json.loads(r.read())
@@ -327,5 +303,5 @@ def test_real_prometheus_scrapes_a_running_job(prometheus, tiny_run, tmp_path):
     metric, (_, value) = result[0]["metric"], result[0]["value"]
     assert float(value) > 0
     # honor_labels kept the run's job label; our labels survived the scrape
-    assert metric["job"] == "prom-run" and metric["rank"] == "3" and metric["task"] == "ave"
-    assert metric["instance"] == f"127.0.0.1:{m.port}"
+    assert metric["job"] == "prom-run" and metric["rank"] == "0" and metric["task"] == "ave"
+    assert metric["instance"] == f"127.0.0.1:{run.port}"

@@ -1,5 +1,6 @@
-"""The training loop without Ray: ``run_local`` (one process, world size 1) over an in-memory
-stand-in for ``ShardStream`` (the 4 Contract-1 members + epoch/resume/state), built from
+"""The trainer without Ray: ``run_local`` (one process, world size 1) of a ``Trainer`` whose
+``make_stream`` seam returns an in-memory stand-in for ``ShardStream`` (its members the trainer
+uses: manifest, num_samples, batches_per_epoch, epoch/resume/state, skipped_total), built from
 hand-made AVBatches. Fast checks of step accounting, gradient accumulation, the per-epoch
 StepLR, checkpoint contents and an exact mid-epoch resume.
 """
@@ -15,7 +16,7 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from model_fixtures import make_batch  # noqa: E402
 
-from avmoe.train import TrainConfig, run_local  # noqa: E402
+from avmoe.train import Trainer, TrainConfig, run_local  # noqa: E402
 from avmoe.train import checkpoint as ckpt_io  # noqa: E402
 
 N_TRAIN, N_EVAL = 8, 4
@@ -69,23 +70,24 @@ class MemoryStream:
         return {"epoch": epoch, "batches_consumed": batches_consumed, "rank": 0, "world_size": 1}
 
 
-def memory_stream(tcfg, split, rank, world, batch_size, shuffle, seed, drop_last):
-    return MemoryStream(split, batch_size, shuffle, seed, drop_last)
+class MemoryTrainer(Trainer):
+    def make_stream(self, split, batch_size, shuffle, drop_last):
+        return MemoryStream(split, batch_size, shuffle, self.seed, drop_last)
 
 
 def config(tmp_path, name: str, **kw) -> TrainConfig:
-    cfg = TrainConfig(task="ave", data="memory", storage=str(tmp_path), name=name, workers=1, epochs=2,
-                      batch_size=2, grad_accum=2, lr=1e-3, metrics=False, plots=False,
-                      stream_factory="test_train_loop:memory_stream", model={"num_segments": 4})
-    for k, v in kw.items():
-        setattr(cfg, k, v)
-    return cfg.validate()
+    cfg = TrainConfig.of(task="ave", data="memory", storage=str(tmp_path), name=name, workers=1, epochs=2,
+                         batch_size=2, grad_accum=2, lr=1e-3, metrics=False, plots=False, model={"num_segments": 4})
+    return cfg.apply(kw).validate()
+
+
+def run(cfg):
+    return run_local(cfg, trainer_cls=MemoryTrainer)
 
 
 def test_steps_accumulation_schedule_and_checkpoint_contents(tmp_path):
     # 8 samples / batch 2 = 4 micro-batches = 2 optimiser steps per epoch; StepLR(1 epoch, 0.5)
-    r = run_local(config(tmp_path, "acc", scheduler="step", model={"num_segments": 4,
-                                                                   "optim": {"step_size": 1, "gamma": 0.5}}))
+    r = run(config(tmp_path, "acc", scheduler="step", step_size=1, gamma=0.5))
     assert [h["step"] for h in r["history"]] == [2, 4]
     assert [h["lr"] for h in r["history"]] == [5e-4, 2.5e-4]  # decayed once per epoch
     assert set(r["test"]) == {"acc"} and r["best"]["epoch"] in (0, 1)
@@ -98,10 +100,10 @@ def test_steps_accumulation_schedule_and_checkpoint_contents(tmp_path):
 
 
 def test_mid_epoch_resume_in_process_is_exact(tmp_path):
-    full = run_local(config(tmp_path, "full", test=False))
-    run_local(config(tmp_path, "part", test=False, max_steps=3))  # stops inside epoch 1
+    full = run(config(tmp_path, "full", test=False))
+    run(config(tmp_path, "part", test=False, max_steps=3))  # stops inside epoch 1
     assert os.path.isdir(os.path.join(tmp_path, "part", "epoch-0001-step-0000003"))
-    part = run_local(config(tmp_path, "part", test=False))  # same name: resumes
+    part = run(config(tmp_path, "part", test=False))  # same name: resumes
     assert part["history"][-1]["step"] == full["history"][-1]["step"] == 4
     a = ckpt_io.trainable_state(os.path.join(tmp_path, "full", "epoch-0002-step-0000004"))
     b = ckpt_io.trainable_state(os.path.join(tmp_path, "part", "epoch-0002-step-0000004"))

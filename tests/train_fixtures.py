@@ -15,9 +15,6 @@ from avmoe.train import TrainConfig
 
 _SHARDS: dict[tuple[str, int], str] = {}
 
-TASK_OF = {"ave": "ave", "avvp": "avvp", "avs-s4": "avs", "avs-ms3": "avs", "avqa": "avqa"}
-
-
 def shards(tmp_path_factory, dataset: str, n: int = 8) -> str:
     """Shards of every split of a synthetic ``dataset`` (train n, val/test max(2, n/4))."""
     key = (dataset, n)
@@ -30,15 +27,16 @@ def shards(tmp_path_factory, dataset: str, n: int = 8) -> str:
     return _SHARDS[key]
 
 
-def base_config(dataset: str, data: str, storage: str, name: str, **kw) -> TrainConfig:
-    task = TASK_OF[dataset]
-    cfg = TrainConfig(task=task, setting=dataset.split("-")[1] if task == "avs" else None, data=data,
-                      storage=storage, name=name, workers=2, cpus_per_worker=0.5, decode_cpus=0.5,
-                      epochs=1, batch_size=2, grad_accum=1, lr=1e-3, scheduler="none", plots=False,
-                      metrics_address="127.0.0.1", metrics_port=0, shuffle_buffer=16)
-    for k, v in kw.items():
-        setattr(cfg, k, v)
-    return cfg
+def base_config(task: str, data: str, storage: str, name: str, **kw) -> TrainConfig:
+    """A fast config of ``task`` (a task or task-variant name, e.g. "avs-ms3") on 2 workers."""
+    from avmoe.tasks import get_task
+
+    t = get_task(task)
+    cfg = TrainConfig.of(task=t.name, variant=t.variant, data=data, storage=storage, name=name, workers=2,
+                         cpus_per_worker=0.5, decode_cpus=0.5, epochs=1, batch_size=2, grad_accum=1, lr=1e-3,
+                         scheduler="none", plots=False, metrics_address="127.0.0.1", metrics_port=0,
+                         shuffle_buffer=16)
+    return cfg.apply(kw)
 
 
 def latest_checkpoint(run_dir: str) -> str:

@@ -18,13 +18,17 @@ from avmoe.models.trunk import AVTrunk
 
 
 class AVModel(nn.Module):
-    def __init__(self, cfg: TaskConfig, head: str | None = None):
+    """``head``: a head class (``factory(cfg, trunk)``) or its ``HEADS`` name (default: the
+    config's task name)."""
+
+    def __init__(self, cfg: TaskConfig, head=None):
         super().__init__()
         cfg.validate()
         self.preprocess = AVPreprocessor(cfg.visual.img_size, cfg.visual.mean, cfg.visual.std,
                                          cfg.audio.segment_samples, cfg.visual.antialias)
         self.trunk = AVTrunk(cfg.visual, cfg.audio, cfg.adapter, cfg.backbone_train_mode)
-        self.head = HEADS.get(head or cfg.task)(cfg, self.trunk)
+        factory = head if callable(head) else HEADS.get(head or cfg.task)
+        self.head = factory(cfg, self.trunk)
 
     def forward(self, batch: AVBatch) -> dict[str, torch.Tensor]:
         inputs = self.preprocess(batch)

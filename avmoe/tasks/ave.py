@@ -15,18 +15,22 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from avmoe.config import (
-    AVEConfig, apply_overrides, paper_audio, paper_visual,
-    tiny_adapter, tiny_audio, tiny_temporal, tiny_visual,
-)
-from avmoe.tasks.base import MetricAccumulator, Task
-
-BACKGROUND = 28
+from avmoe.config import (OptimConfig, apply_overrides, paper_audio, paper_visual, tiny_adapter, tiny_audio,
+                          tiny_temporal, tiny_visual)
+from avmoe.models.heads.ave import AVEConfig, AVEHead, topk_time_mean
+from avmoe.tasks.base import MetricAccumulator, Task, register_task
+from data_pipeline.datasets.ave import BACKGROUND, CATEGORIES
 
 
 def segment_labels(batch) -> torch.Tensor:
     y = batch.targets["segment_labels"]
     return (y.argmax(-1) if y.dim() == 3 else y).long()
+
+
+def video_class(labels: torch.Tensor) -> torch.Tensor:
+    """(B, T) segment labels -> (B,) the video's event class (background counts as 0)."""
+    fg = labels != BACKGROUND
+    return torch.where(fg, labels, torch.zeros_like(labels)).max(1).values
 
 
 class AVEAccumulator(MetricAccumulator):
@@ -46,35 +50,52 @@ class AVEAccumulator(MetricAccumulator):
         return {"acc": ave_accuracy(np.concatenate(self.pred), np.concatenate(self.gt))}
 
 
+@register_task("ave")
 class AVETask(Task):
-    name = "ave"
-    config_cls = AVEConfig
+    head = AVEHead
     primary_metric = "acc"
+    supports_ogm = True
+    # the synthetic set is small (48 training videos): more, smaller steps than the paper's
+    # batch 2 x accumulation 8, and no StepLR decay (its step size is in epochs of 4143 videos)
+    demo_schedule = dict(epochs=6, batch_size=4, grad_accum=1, lr=1e-3, scheduler="none")
 
     def make_preset(self, preset: str) -> AVEConfig:
         cfg = AVEConfig(visual=paper_visual(), audio=paper_audio())
         # released train.sh: 1 CMA + 1 UA, stages 0 and 2, K 32, r 8, G 2, BN, gated audio
         apply_overrides(cfg, {"adapter": dict(num_cma=1, num_ua=1, num_skip=2, num_tokens=32, reduction=8,
                                               groups=2, use_bn=True, audio_gate=True, ua_variant="v2")})
-        apply_overrides(cfg, {"optim": dict(lr=5e-4, scheduler="step", step_size=3, gamma=0.35, epochs=50,
-                                            batch_size=2, grad_accum=8, early_stop=20, seed=999,
-                                            select_split="val")})
         if preset == "official":
             apply_overrides(cfg, {"adapter.ua_variant": "none", "backbone_train_mode": True,
-                                  "audio.spec_augment": True, "optim.select_split": "test"})
+                                  "audio.spec_augment": True})
         elif preset == "tiny":
             cfg.visual, cfg.audio, cfg.temporal = tiny_visual(), tiny_audio(), tiny_temporal()
             apply_overrides(cfg, {"adapter": tiny_adapter(num_skip=2), "visual_dim": 32})
         return cfg
 
+    def training_defaults(self, preset: str) -> OptimConfig:
+        return OptimConfig(optimizer="adam", lr=5e-4, weight_decay=0.0, scheduler="step", step_size=3, gamma=0.35,
+                           epochs=50, batch_size=2, grad_accum=8, early_stop=20, seed=999)
+
+    def model_keys(self, manifest):
+        keys = super().model_keys(manifest)
+        classes = (manifest.get("label_vocab") or {}).get("classes")
+        if classes is not None:
+            keys["num_classes"] = len(classes)
+        return keys
+
+    def example_targets(self, cfg, batch_size, generator):
+        b, t = batch_size, cfg.num_segments
+        labels = torch.randint(0, cfg.num_classes, (b, 1), generator=generator).expand(b, t).clone()
+        labels[:, 0] = BACKGROUND  # one background segment per video
+        return {"segment_labels": labels}
+
     def loss(self, out, batch, cfg):
         labels = segment_labels(batch).to(out["is_event"].device)
-        fg = labels != BACKGROUND
-        video_class = torch.where(fg, labels, torch.zeros_like(labels)).max(1).values
+        cls = video_class(labels)
         parts = {
-            "event": F.binary_cross_entropy_with_logits(out["is_event"], fg.float()),
-            "cls": F.cross_entropy(out["event_logits"], video_class),
-            "av": F.cross_entropy(out["av_score"], video_class),
+            "event": F.binary_cross_entropy_with_logits(out["is_event"], (labels != BACKGROUND).float()),
+            "cls": F.cross_entropy(out["event_logits"], cls),
+            "av": F.cross_entropy(out["av_score"], cls),
         }
         total = parts["event"] + parts["cls"] + parts["av"]
         total = self.add_load_balance(total, parts, out, cfg)
@@ -88,3 +109,18 @@ class AVETask(Task):
 
     def metric_accumulator(self, cfg):
         return AVEAccumulator()
+
+    @torch.no_grad()
+    def ogm_scores(self, model, out, batch):
+        """The CMBS per-modality class scores (top-k time mean of ``video_cas`` /
+        ``audio_cas``), softmax, probability of the video class."""
+        k = model.head.topk
+        y = video_class(segment_labels(batch)).to(out["audio_cas"].device)
+        pa = F.softmax(topk_time_mean(out["audio_cas"], k), -1)
+        pv = F.softmax(topk_time_mean(out["video_cas"], k), -1)
+        return pa.gather(1, y[:, None]).sum(), pv.gather(1, y[:, None]).sum()
+
+    def plot_predictions(self, items, out_dir, title):
+        from avmoe.plots import plot_segment_timelines
+
+        return [plot_segment_timelines(items, out_dir, title, CATEGORIES, BACKGROUND)]

@@ -5,9 +5,9 @@ Loss = CE(answer) + 0.5 CE(match), match labels 1 for (audio, positive frame) an
 only takes its size (``vocab_size``) and the batch carries the token ids. Metric: per-type and
 overall accuracy; primary "Overall".
 
-``question_type`` in the batch may be (B,) indices into ``avmoe.metrics.AVQA_QUESTION_TYPES``,
-(B, 2) integer pairs (index of the type in Audio / Visual / Audio-Visual, index of the subtype
-within that type, in the table's order), or a list of (type, subtype) strings.
+``question_type`` in the batch may be (B,) indices into ``QUESTION_TYPES``, (B, 2) integer
+pairs (index of the type in Audio / Visual / Audio-Visual, index of the subtype within that
+type, in the table's order), or a list of (type, subtype) strings.
 """
 
 from __future__ import annotations
@@ -18,22 +18,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from avmoe.config import (
-    AVQAConfig, apply_overrides, paper_audio, paper_visual,
-    tiny_adapter, tiny_audio, tiny_visual,
-)
-from avmoe.tasks.base import MetricAccumulator, Task
+from avmoe.config import OptimConfig, apply_overrides, paper_audio, paper_visual, tiny_adapter, tiny_audio, tiny_visual
+from avmoe.models.heads.avqa import AVQAConfig, AVQAHead
+from avmoe.tasks.base import MetricAccumulator, Task, register_task
+from data_pipeline.datasets.avqa import QUESTION_TYPES
 
 
 def question_types(qt: Any) -> list:
     """Batch ``question_type`` -> what ``avqa_accuracy`` takes (indices or (type, subtype) pairs)."""
-    from avmoe.metrics import AVQA_QUESTION_TYPES
-
     if isinstance(qt, torch.Tensor):
         qt = qt.cpu().numpy()
     if isinstance(qt, np.ndarray) and qt.ndim == 2 and np.issubdtype(qt.dtype, np.integer):
-        types = list(dict.fromkeys(t for t, _ in AVQA_QUESTION_TYPES))
-        subtypes = {t: [s for tt, s in AVQA_QUESTION_TYPES if tt == t] for t in types}
+        types = list(dict.fromkeys(t for t, _ in QUESTION_TYPES))
+        subtypes = {t: [s for tt, s in QUESTION_TYPES if tt == t] for t in types}
         return [(types[i], subtypes[types[i]][j]) for i, j in qt.tolist()]
     if isinstance(qt, np.ndarray):
         return qt.tolist()
@@ -59,10 +56,12 @@ class AVQAAccumulator(MetricAccumulator):
         return avqa_accuracy(self.preds, self.answers, self.types)
 
 
+@register_task("avqa")
 class AVQATask(Task):
-    name = "avqa"
-    config_cls = AVQAConfig
+    head = AVQAHead
     primary_metric = "Overall"
+    supports_ogm = True
+    demo_schedule = dict(epochs=2, batch_size=4, grad_accum=1, lr=1e-3, scheduler="none")
 
     def make_preset(self, preset: str) -> AVQAConfig:
         cfg = AVQAConfig(visual=paper_visual(), audio=paper_audio())
@@ -70,9 +69,6 @@ class AVQATask(Task):
         # audio adapters ungated (is_gate=0)
         apply_overrides(cfg, {"adapter": dict(num_cma=1, num_ua=2, num_skip=1, num_tokens=2, reduction=8,
                                               groups=4, use_bn=False, audio_gate=False, ua_variant="v2")})
-        apply_overrides(cfg, {"optim": dict(lr=1e-4, scheduler="step", step_size=8, gamma=0.1, epochs=80,
-                                            batch_size=2, grad_accum=4, early_stop=5, seed=1,
-                                            select_split="val")})
         if preset == "official":
             apply_overrides(cfg, {"adapter.ua_variant": "none", "backbone_train_mode": True,
                                   "audio.spec_augment": True, "audio.mixup": True})
@@ -82,6 +78,28 @@ class AVQATask(Task):
                                   "vocab_size": 20, "num_answers": 6, "max_question_len": 6,
                                   "match_hidden": (32, 16, 8)})
         return cfg
+
+    def training_defaults(self, preset: str) -> OptimConfig:
+        return OptimConfig(optimizer="adam", lr=1e-4, weight_decay=0.0, scheduler="step", step_size=8, gamma=0.1,
+                           epochs=80, batch_size=2, grad_accum=4, early_stop=5, seed=1)
+
+    def model_keys(self, manifest):
+        keys = super().model_keys(manifest)
+        vocab = manifest.get("label_vocab") or {}
+        if "question_tokens" in vocab:
+            keys["vocab_size"] = len(vocab["question_tokens"])
+        if "answers" in vocab:
+            keys["num_answers"] = len(vocab["answers"])
+        if "max_question_len" in vocab:
+            keys["max_question_len"] = int(vocab["max_question_len"])
+        return keys
+
+    def example_targets(self, cfg, batch_size, generator):
+        b = batch_size
+        ids = torch.randint(1, cfg.vocab_size, (b, cfg.max_question_len), generator=generator)
+        ids[:, -2:] = 0  # padding
+        return {"question_ids": ids, "answer": torch.arange(b) % cfg.num_answers,
+                "question_type": torch.arange(b) % len(QUESTION_TYPES)}
 
     def loss(self, out, batch, cfg):
         logits = out["answer_logits"]
@@ -100,3 +118,19 @@ class AVQATask(Task):
 
     def metric_accumulator(self, cfg):
         return AVQAAccumulator()
+
+    @torch.no_grad()
+    def ogm_scores(self, model, out, batch):
+        """The concat-fusion split of OGM-GE: ``fc_fusion`` acts on [audio ; visual]; the audio
+        estimate uses the first half of its weight (+ b/2) with the visual half zeroed, and
+        vice versa, then the answer classifier; softmax, probability of the true answer."""
+        head = model.head
+        f, q = out["fusion_in"].detach(), out["question"].detach()
+        d = f.shape[-1] // 2
+        w, b = head.fc_fusion.weight, head.fc_fusion.bias
+        y = batch.targets["answer"].to(f.device).long().view(-1)
+        scores = []
+        for half in (slice(0, d), slice(d, 2 * d)):
+            logits = head.fc_ans(torch.tanh((f[:, half] @ w[:, half].T + b / 2) * q))
+            scores.append(F.softmax(logits, -1).gather(1, y[:, None]).sum())
+        return scores[0], scores[1]

@@ -1,4 +1,5 @@
-"""AVS (AVSBench-object): S4 single-source / MS3 multi-source segmentation (spec §3.3).
+"""AVS (AVSBench-object): S4 single-source / MS3 multi-source segmentation (spec §3.3); the
+variant (``--setting s4|ms3``) picks the dataset and the preset.
 
 Losses (``cfg.setting``):
 * S4: BCE(sigma(pred), GT) over the frames with a mask (``mask_valid``: the first frame of
@@ -12,6 +13,8 @@ BCE is computed from logits (``binary_cross_entropy_with_logits``) instead of si
 the same value without saturation. Predictions are resized (bilinear) to the GT mask size when
 they differ. Metric: mIoU and F-score of the official evaluation, accumulated in test batches
 of ``eval_videos_per_batch`` videos (4, the AVSBench test batch) in arrival order; primary "miou".
+OGM-GE is not defined for segmentation (no class posterior per modality): ``supports_ogm`` is
+False and the training config refuses ``--modulation`` for it.
 """
 
 from __future__ import annotations
@@ -21,11 +24,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from avmoe.config import (
-    AVSConfig, apply_overrides, paper_audio, paper_visual,
-    tiny_adapter, tiny_audio, tiny_temporal, tiny_visual,
-)
-from avmoe.tasks.base import MetricAccumulator, Task
+from avmoe.config import (OptimConfig, apply_overrides, paper_audio, paper_visual, tiny_adapter, tiny_audio,
+                          tiny_temporal, tiny_visual)
+from avmoe.models.heads.avs import AVSConfig, AVSHead
+from avmoe.tasks.base import MetricAccumulator, Task, register_task
 
 
 def _to_size(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -91,30 +93,28 @@ class AVSAccumulator(MetricAccumulator):
         return {"miou": sum(self.miou) / len(self.miou), "fscore": sum(self.fscore) / len(self.fscore)}
 
 
+@register_task("avs")
 class AVSTask(Task):
-    name = "avs"
-    config_cls = AVSConfig
+    head = AVSHead
     primary_metric = "miou"
-    preset_keys = ("setting",)
+    variants = ("s4", "ms3")
+    variant_option = "setting"
+    demo_schedule = dict(epochs=2, batch_size=4, grad_accum=1, lr=1e-3)
 
-    def make_preset(self, preset: str, setting: str = "s4") -> AVSConfig:
-        if setting not in ("s4", "ms3"):
-            raise ValueError(f"setting must be 's4' or 'ms3', got {setting!r}")
+    def make_preset(self, preset: str) -> AVSConfig:
+        setting = self.variant
         cfg = AVSConfig(setting=setting, visual=paper_visual(antialias=False), audio=paper_audio(),
                         num_segments=5)
         # released scripts: S4 test_v2.sh (2/2, stages 0 and 2, r 8); MS3 (2/2, stages 0 and 2, r 2,
         # lb 0.01); no BN; audio adapters ungated (is_gate=0); router noise 0.01 in training
         adapter = dict(num_cma=2, num_ua=2, num_skip=2, num_tokens=32, reduction=8, groups=2, use_bn=False,
                        audio_gate=False, ua_variant="v2", router_noise=0.01, lb_weight=0.0)
-        optim = dict(lr=3e-4, scheduler="none", epochs=50, batch_size=2, grad_accum=4, seed=123, select_split="val")
         if setting == "ms3":
             adapter.update(reduction=2, lb_weight=0.01)
-            optim.update(lr=1.5e-4, epochs=60, grad_accum=1)
             apply_overrides(cfg, {"gamma": 0.1, "avm_weight": 0.5})
-        apply_overrides(cfg, {"adapter": adapter, "optim": optim})
+        apply_overrides(cfg, {"adapter": adapter})
         if preset == "official":
-            over: dict[str, Any] = {"backbone_train_mode": True, "audio.spec_augment": True, "audio.mixup": True,
-                                    "optim.select_split": "test"}
+            over: dict[str, Any] = {"backbone_train_mode": True, "audio.spec_augment": True, "audio.mixup": True}
             if setting == "s4":  # train_v2.sh: 1/1 experts, all 12 blocks, MHA ("v1") UA
                 over.update({"adapter.num_cma": 1, "adapter.num_ua": 1, "adapter.num_skip": 1,
                              "adapter.ua_variant": "v1"})
@@ -125,6 +125,24 @@ class AVSTask(Task):
                                   "channels": 16, "map_sizes": (8, 4, 2, 1), "decoder_mid": 8,
                                   "decoder_last": 4})
         return cfg
+
+    def training_defaults(self, preset: str) -> OptimConfig:
+        if self.variant == "ms3":
+            return OptimConfig(optimizer="adam", lr=1.5e-4, weight_decay=0.0, scheduler="none", epochs=60,
+                               batch_size=2, grad_accum=1, seed=123)
+        return OptimConfig(optimizer="adam", lr=3e-4, weight_decay=0.0, scheduler="none", epochs=50, batch_size=2,
+                           grad_accum=4, seed=123)
+
+    def example_targets(self, cfg, batch_size, generator):
+        b, t, s = batch_size, cfg.num_segments, cfg.mask_size
+        yy, xx = torch.meshgrid(torch.arange(s), torch.arange(s), indexing="ij")
+        masks = torch.zeros(b, t, s, s, dtype=torch.uint8)
+        for i in range(b):  # a different box per video
+            masks[i, :, (yy >= 4 + 4 * i) & (yy < 20) & (xx >= 6) & (xx < 22 + 2 * i)] = 1
+        valid = torch.ones(b, t, dtype=torch.bool)
+        if cfg.setting == "s4":
+            valid[:, 1:] = False  # S4 train: first frame only
+        return {"masks": masks, "mask_valid": valid}
 
     def loss(self, out, batch, cfg):
         logits = out["mask_logits"]
@@ -144,3 +162,8 @@ class AVSTask(Task):
 
     def metric_accumulator(self, cfg):
         return AVSAccumulator(cfg.eval_videos_per_batch)
+
+    def plot_predictions(self, items, out_dir, title):
+        from avmoe.plots import plot_masks
+
+        return [plot_masks(items, out_dir, title)]

@@ -15,11 +15,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from avmoe.config import (
-    AVVPConfig, apply_overrides, paper_audio, paper_visual,
-    tiny_adapter, tiny_audio, tiny_visual,
-)
-from avmoe.tasks.base import MetricAccumulator, Task
+from avmoe.config import OptimConfig, apply_overrides, paper_audio, paper_visual, tiny_adapter, tiny_audio, tiny_visual
+from avmoe.models.heads.avvp import AVVPConfig, AVVPHead
+from avmoe.tasks.base import MetricAccumulator, Task, register_task
 
 
 class AVVPAccumulator(MetricAccumulator):
@@ -45,10 +43,12 @@ class AVVPAccumulator(MetricAccumulator):
         return avvp_scores(pa, pv, ga, gv, layout="NCT")
 
 
+@register_task("avvp")
 class AVVPTask(Task):
-    name = "avvp"
-    config_cls = AVVPConfig
+    head = AVVPHead
     primary_metric = "seg_type"
+    supports_ogm = True
+    demo_schedule = dict(epochs=2, batch_size=4, grad_accum=1, lr=1e-3, scheduler="none")
 
     def make_preset(self, preset: str) -> AVVPConfig:
         cfg = AVVPConfig(visual=paper_visual(), audio=paper_audio())
@@ -56,8 +56,6 @@ class AVVPTask(Task):
         apply_overrides(cfg, {"adapter": dict(num_cma=1, num_ua=1, num_skip=1, num_tokens=32, reduction=8,
                                               groups=2, use_bn=False, audio_gate=True, ua_variant="v2",
                                               lb_weight=1.0)})
-        apply_overrides(cfg, {"optim": dict(lr=3e-4, scheduler="step", step_size=10, gamma=0.1, epochs=40,
-                                            batch_size=1, grad_accum=8, seed=23, select_split="val")})
         if preset == "official":
             apply_overrides(cfg, {"adapter.ua_variant": "paramfree", "backbone_train_mode": True,
                                   "audio.spec_augment": True, "audio.mixup": True})
@@ -66,6 +64,27 @@ class AVVPTask(Task):
             apply_overrides(cfg, {"adapter": tiny_adapter(num_skip=1), "dim": 16, "st_dim": 8, "depth_vis": 1,
                                   "depth_aud": 1, "depth_av": 1, "num_heads": 2})
         return cfg
+
+    def training_defaults(self, preset: str) -> OptimConfig:
+        return OptimConfig(optimizer="adam", lr=3e-4, weight_decay=0.0, scheduler="step", step_size=10, gamma=0.1,
+                           epochs=40, batch_size=1, grad_accum=8, seed=23)
+
+    def model_keys(self, manifest):
+        keys = super().model_keys(manifest)
+        classes = (manifest.get("label_vocab") or {}).get("classes")
+        if classes is not None:
+            keys["num_classes"] = len(classes)
+        # the shards' r2p1d.npy are (T, 512) R(2+1)D-18 features (data_pipeline/SCHEMA.md); the
+        # tiny preset's own st_dim is for hand-made test batches
+        keys["st_dim"] = int(manifest.get("feature_dim", 512))
+        return keys
+
+    def example_targets(self, cfg, batch_size, generator):
+        b, t, c = batch_size, cfg.num_segments, cfg.num_classes
+        return {"video_labels": (torch.rand(b, c, generator=generator) > 0.85).float(),
+                "features": torch.randn(b, t, cfg.st_dim, generator=generator),
+                "gt_audio": (torch.rand(b, c, t, generator=generator) > 0.9).to(torch.uint8),
+                "gt_visual": (torch.rand(b, c, t, generator=generator) > 0.9).to(torch.uint8)}
 
     def loss(self, out, batch, cfg):
         y = batch.targets["video_labels"].to(out["video_prob"].device, torch.float32)
@@ -93,3 +112,16 @@ class AVVPTask(Task):
 
     def metric_accumulator(self, cfg):
         return AVVPAccumulator()
+
+    @torch.no_grad()
+    def ogm_scores(self, model, out, batch):
+        """The head's own per-modality video-level probabilities; the score of a video is the
+        mean probability of its true labels (the multi-label analogue of p[y])."""
+        y = batch.targets["video_labels"].to(out["audio_prob"].device).float()
+        n = y.sum(1).clamp(min=1)
+        return ((out["audio_prob"] * y).sum(1) / n).sum(), ((out["visual_prob"] * y).sum(1) / n).sum()
+
+    def plot_predictions(self, items, out_dir, title):
+        from avmoe.plots import plot_event_maps
+
+        return [plot_event_maps(items, out_dir, title)]

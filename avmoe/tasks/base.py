@@ -1,32 +1,64 @@
-"""The Task interface the trainer uses; each task contributes config, head, loss, metric.
+"""The ``Task``: everything the trainer, the jobs and the tools know about one task.
+
+A task is one file in ``avmoe/tasks/`` (or any module registering into ``TASKS``) with one
+class decorated by ``@register_task("name")``. The trainer (``avmoe/train``) names no task: it
+asks the task object for
+
+* its **variants** (AVS: ``s4`` / ``ms3``, chosen with ``--setting``): ``variants``,
+  ``variant_option``; a task object is bound to one variant (``get_task("avs-ms3")``);
+* its **data**: the ``data_pipeline`` dataset it trains on (``dataset``) and the model config
+  keys the shards decide (``model_keys(manifest)``: label vocabularies, segment count, ...);
+* its **model**: ``config(preset, **overrides)`` (a typed dataclass, presets ``tiny`` /
+  ``paper`` / ``official``), ``build_model(cfg)``;
+* its **training defaults** (the released scripts' optimiser, LR, schedule, batch, accumulation,
+  epochs, early stop, seed: ``training_defaults(preset)``) and the embedded demo's schedule
+  (``demo_schedule``);
+* **loss / predict / metric**: ``loss(out, batch, cfg)``, ``predict(out, batch)``,
+  ``metric_accumulator(cfg)``, ``primary_metric``;
+* **OGM-GE**: ``ogm_scores(model, out, batch)`` (the summed true-class probabilities of its
+  uni-modal estimates), or ``supports_ogm = False``, checked before any Ray resource;
+* its **pictures**: ``plot_predictions(items, out_dir, title)`` (timelines, masks).
 
 ::
 
-    task = get_task("ave")
-    cfg = task.config(preset="tiny", **overrides)   # typed dataclass (avmoe/config.py)
+    task = get_task("ave")                          # or "avs-ms3": the AVS task, MS3 variant
+    cfg = task.config(preset="tiny", **overrides)   # typed model config
     model = task.build_model(cfg)                   # trunk + head; trainable = adapters + head
     out = model(batch)                              # dict of tensors incl. "lb_loss"
     loss, parts = task.loss(out, batch, cfg)        # scalar tensor, dict[str, float]
     preds = task.predict(out, batch)                # dict of CPU tensors
     acc = task.metric_accumulator(cfg); acc.update(preds, batch); acc.compute()
-    task.optimizer_defaults(cfg)                    # from spec §3
+    task.training_defaults("paper")                 # OptimConfig from spec §3
 
-Presets: "tiny" (same code, small dims, for CPU tests), "paper" (released evaluation scripts,
-canonical v2 UA, eval-mode backbones, validation-split selection) and "official" (released
-training scripts: per-script UA variant, train-mode backbones with SpecAugment / mixup, and
-the scripts' selection split).
+Presets: "tiny" (same code, small dims, for CPU tests and the demo), "paper" (released
+evaluation scripts, canonical v2 UA, eval-mode backbones) and "official" (released training
+scripts: per-script UA variant, train-mode backbones with SpecAugment / mixup).
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
 
 from avmoe.batch import AVBatch
-from avmoe.config import TaskConfig, apply_overrides
+from avmoe.config import ConfigError, OptimConfig, TaskConfig, apply_overrides
+from avmoe.registry import Registry
 
 PRESETS = ("tiny", "paper", "official")
+
+TASKS: Registry = Registry("task")
+
+
+def register_task(name: str):
+    """Class decorator: ``@register_task("ave")`` registers a ``Task`` subclass under ``name``."""
+
+    def deco(cls):
+        cls.name = name
+        return TASKS.register(name)(cls)
+
+    return deco
 
 
 class MetricAccumulator:
@@ -50,29 +82,67 @@ class MetricAccumulator:
 
 
 class Task:
-    name: str = ""
-    config_cls: type[TaskConfig] = TaskConfig
+    name: str = ""  # set by @register_task
     primary_metric: str = ""
-    # overrides that choose the preset's variant before the others are applied (AVS: setting)
-    preset_keys: tuple[str, ...] = ()
+    variants: tuple[str, ...] = ()  # first = default
+    variant_option: str = "variant"  # the CLI flag (--<option>) and key naming the variant
+    supports_ogm: bool = False
+    head: Any = None  # the head class (``factory(cfg, trunk)``) or its ``HEADS`` name
+    # the embedded demo's schedule (TrainConfig overrides on top of the tiny preset)
+    demo_schedule: dict[str, Any] = {}
+
+    def __init__(self, variant: str | None = None) -> None:
+        if self.variants:
+            variant = variant or self.variants[0]
+            if variant not in self.variants:
+                raise ConfigError(f"{self.variant_option}: task {self.name!r} has variants "
+                                  f"{', '.join(self.variants)}; got {variant!r}")
+        elif variant:
+            raise ConfigError(f"task {self.name!r} has no variants (got {variant!r})")
+        self.variant = variant
+
+    # ----------------------------------------------------------------- identity / data
+
+    @property
+    def full_name(self) -> str:
+        """``name`` or ``name-variant``: the dataset name, metric labels, results' ``task``."""
+        return f"{self.name}-{self.variant}" if self.variant else self.name
+
+    @property
+    def dataset(self) -> str:
+        """The ``data_pipeline`` dataset (``DATASETS`` name) this task trains on."""
+        return self.full_name
+
+    def model_keys(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        """Model config keys the shards decide (from a split's manifest). The segment count
+        is every task's; subclasses add their vocabularies and sizes."""
+        return {"num_segments": int(manifest["segments"])}
 
     # ----------------------------------------------------------------- config / model
 
-    def make_preset(self, preset: str, **variant: Any) -> TaskConfig:
+    def make_preset(self, preset: str) -> TaskConfig:
         raise NotImplementedError
 
     def config(self, preset: str = "paper", **overrides: Any) -> TaskConfig:
         if preset not in PRESETS:
-            raise KeyError(f"unknown preset {preset!r} for task {self.name!r}; known: {', '.join(PRESETS)}")
-        variant = {k: overrides.pop(k) for k in self.preset_keys if k in overrides}
-        cfg = self.make_preset(preset, **variant)
+            raise ConfigError(f"unknown preset {preset!r} for task {self.name!r}; known: "
+                              f"{', '.join(PRESETS)}")
+        if self.variants and self.variant_option in overrides:
+            raise ConfigError(f"{self.variant_option}: the variant chooses the preset; use "
+                              f"get_task('{self.name}-<{'|'.join(self.variants)}>') or --{self.variant_option}")
+        cfg = self.make_preset(preset)
         cfg.task, cfg.preset = self.name, preset
         return apply_overrides(cfg, overrides)
+
+    def training_defaults(self, preset: str) -> OptimConfig:
+        """The released scripts' optimisation (spec §3); every field set but ``early_stop``
+        (and ``step_size``/``gamma`` without a step schedule)."""
+        raise NotImplementedError
 
     def build_model(self, cfg: TaskConfig) -> torch.nn.Module:
         from avmoe.models.model import AVModel
 
-        return AVModel(cfg, head=self.name)
+        return AVModel(cfg, head=self.head)
 
     # ----------------------------------------------------------------- training
 
@@ -100,13 +170,37 @@ class Task:
     def metric_accumulator(self, cfg: TaskConfig) -> MetricAccumulator:
         raise NotImplementedError
 
-    def optimizer_defaults(self, cfg: TaskConfig) -> dict[str, Any]:
-        o = cfg.optim
-        scheduler = ({"name": "step", "step_size": o.step_size, "gamma": o.gamma}
-                     if o.scheduler == "step" else {"name": "none"})
-        return {
-            "optimizer": o.optimizer, "lr": o.lr, "weight_decay": o.weight_decay,
-            "scheduler": scheduler, "epochs": o.epochs, "batch_size": o.batch_size,
-            "grad_accumulation": o.grad_accum, "early_stop": o.early_stop, "seed": o.seed,
-            "select_split": o.select_split, "primary_metric": self.primary_metric,
-        }
+    def ogm_scores(self, model: torch.nn.Module, out: dict[str, Any],
+                   batch: AVBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(s_audio, s_visual): the micro-batch's summed true-class probabilities of the
+        audio-only and visual-only estimates (OGM-GE, related-methods.md §1)."""
+        raise NotImplementedError(f"task {self.name!r} does not support OGM-GE")
+
+    def example_targets(self, cfg: TaskConfig, batch_size: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """Random but valid targets of ``batch_size`` samples for ``cfg`` (tests, benchmarks)."""
+        raise NotImplementedError
+
+    def example_batch(self, cfg: TaskConfig, batch_size: int = 2, seed: int = 0, frame_hw=(40, 48)) -> AVBatch:
+        """A fixed random batch in the shard format (uint8 frames of any size, int16 audio)
+        with ``example_targets``: what a model of ``cfg`` takes."""
+        g = torch.Generator().manual_seed(seed)
+        b, t = batch_size, cfg.num_segments
+        frames = torch.randint(0, 256, (b, t, *frame_hw, 3), dtype=torch.uint8, generator=g)
+        audio = (torch.randn(b, t * cfg.audio.segment_samples, generator=g) * 3000).to(torch.int16)
+        return AVBatch(frames=frames, audio=audio, targets=self.example_targets(cfg, b, g),
+                       keys=[f"v{i}" for i in range(b)])
+
+    def plot_predictions(self, items: list, out_dir: str, title: str) -> list[str]:
+        """The task's pictures of test predictions (``items``: (key, preds, targets) in split
+        order); returns the PNG paths written. Default: none."""
+        return []
+
+    # ----------------------------------------------------------------- helpers
+
+    def with_variant(self, variant: str | None) -> "Task":
+        t = copy.copy(self)
+        t.__init__(variant)
+        return t
+
+    def __repr__(self) -> str:
+        return f"<task {self.full_name}>"

@@ -2,7 +2,8 @@
 
     # against a running job (any rank's endpoint; repeat --url for several ranks)
     python -m avmoe.telemetry.render --url http://127.0.0.1:9460/metrics --duration 60 --out results/metrics.png
-    # self-contained: starts a tiny instrumented training loop on 127.0.0.1 and scrapes it over HTTP
+    # self-contained: a short real training run (the trainer, tiny AVE preset, synthetic shards) on
+    # 127.0.0.1, scraped over HTTP while it runs
     python -m avmoe.telemetry.render --demo --out results/metrics.png
 
 It polls the endpoint(s) every ``--interval`` seconds for ``--duration`` seconds (or until the
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import os
 import sys
 import threading
 import time
@@ -149,57 +151,47 @@ def render(series: Series, out: str | Path, title: str = "avmoe training metrics
     return out
 
 
-def _demo(args) -> tuple[list[str], threading.Event, threading.Thread, object]:
-    from .demo import run_instrumented_loop, tiny_ave_setup
-    from .worker import WorkerMetrics
+def _demo(args):
+    """A real short training run (``avmoe.telemetry.demo.DemoRun``) on the synthetic demo shards."""
+    import tempfile
 
-    import torch
+    from avmoe.ray_env import init_local_ray
 
-    torch.set_num_threads(1)  # tiny model: op overhead dominates; leaves a core for the scraper
-    m = WorkerMetrics(job="demo", task="ave", rank=0, node="127.0.0.1", bind_address="127.0.0.1",
-                      port=0, sd_dir="")
-    port = m.start()
-    model, loss_fn, batches, validate = tiny_ave_setup()
-    stop = threading.Event()
+    from .demo import DemoRun
 
-    def target():
-        try:
-            run_instrumented_loop(m, model, loss_fn, batches, steps=args.steps, validate=validate,
-                                  stop=stop)
-        finally:
-            stop.set()
-
-    th = threading.Thread(target=target, daemon=True)
-    th.start()
-    return [f"http://127.0.0.1:{port}/metrics"], stop, th, m
+    init_local_ray(num_cpus=max(2, os.cpu_count() or 1))
+    run = DemoRun(tempfile.mkdtemp(prefix="avmoe-demo-"), job="demo", epochs=args.epochs, n_train=48,
+                  batch_size=4, data=args.data).start().wait_ready()
+    return run
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m avmoe.telemetry.render", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--url", action="append", default=[], help="a worker /metrics URL (repeatable)")
-    ap.add_argument("--demo", action="store_true", help="run a tiny instrumented training loop locally and scrape it")
-    ap.add_argument("--steps", type=int, default=60, help="--demo: training steps")
+    ap.add_argument("--demo", action="store_true",
+                    help="run a short real training run (tiny AVE preset, synthetic shards) locally and scrape it")
+    ap.add_argument("--epochs", type=int, default=5, help="--demo: epochs of the run")
+    ap.add_argument("--data", default=None, help="--demo: AVE shards to train on (default: generated)")
     ap.add_argument("--duration", type=float, default=120.0, help="max seconds to poll")
     ap.add_argument("--interval", type=float, default=1.0, help="seconds between scrapes")
     ap.add_argument("--out", default="results/metrics.png")
     args = ap.parse_args(argv)
     if not args.url and not args.demo:
         ap.error("give --url or --demo")
-    stop = None
-    metrics = None
+    run = None
     urls = list(args.url)
     if args.demo:
-        demo_urls, stop, th, metrics = _demo(args)
-        urls += demo_urls
+        run = _demo(args)
+        urls.append(run.url)
     try:
-        series = poll(urls, args.duration, args.interval, stop=stop)
+        series = poll(urls, args.duration, args.interval, stop=run.finished if run else None)
     finally:
-        if stop is not None:
-            stop.set()
-            th.join(timeout=60)
-        if metrics is not None:
-            metrics.close()
+        if run is not None:
+            run.stop()
+    if run is not None and run.error is not None:
+        print(f"the demo run failed: {run.error}", file=sys.stderr)
+        return 1
     if not series:
         print(f"no avmoe_* samples scraped from {urls}", file=sys.stderr)
         return 1

@@ -1,4 +1,4 @@
-"""Per-worker Prometheus metrics of a training rank (Contract 2 in the work plan).
+"""Per-worker Prometheus metrics of a training rank (the metrics contract of README "Exported Prometheus metrics").
 
 Why a prometheus-client HTTP server per worker and not ``ray.util.metrics``:
 - Ray's metrics agent exports every user metric with a ``ray_`` prefix, so the ``avmoe_`` names
@@ -7,7 +7,7 @@ Why a prometheus-client HTTP server per worker and not ``ray.util.metrics``:
 - Ray aggregates user metrics through its per-node agent (OpenCensus/OpenTelemetry), adding a
   reporting delay and a dependency on the dashboard agent being healthy; a plain /metrics
   endpoint is scraped directly and can be tested with one HTTP GET.
-The price is service discovery, solved twice (cluster/monitoring/README.md):
+The price is service discovery, solved twice (cluster/monitoring/prometheus.yml, podmonitor.yaml):
 - every worker writes a file-SD target (``<sd_dir>/<job>-rank<r>.json``, atomic rename) that a
   Prometheus on the same host or on a shared file system reads with ``file_sd_configs``;
 - with the default port policy (first free port in ``[9460, 9460+8)``) a Prometheus on the Ray

@@ -6,7 +6,9 @@ connects to that cluster; otherwise it starts an embedded loopback-only Ray on t
 
 With no ``--data`` on an embedded run, the job generates (or reuses) the synthetic dataset of
 its task under ``data/demo/`` and packs it (``data_pipeline.demo``), then trains the tiny
-preset with ``EMBEDDED_DEFAULTS`` on 2 CPU workers: a complete run in a few minutes on 2 cores.
+preset with the task's ``demo_schedule`` on 2 CPU workers: a complete run in a few minutes on
+2 cores. Nothing here names a task: the flags, the variant option and the demo come from the
+task object.
 """
 
 from __future__ import annotations
@@ -18,19 +20,9 @@ import sys
 import time
 from typing import Any
 
-from avmoe.train.config import ConfigError, TrainConfig, apply, parse_overrides
+from avmoe.train.config import ConfigError, TrainConfig, parse_overrides
 
-# The embedded default's schedule: the synthetic sets are small (48 AVE training videos), so
-# more, smaller steps than the paper schedule (batch 2 x accumulation 8) -- and no StepLR decay
-# (step_size is in epochs of the paper's 4143 videos).
-EMBEDDED_DEFAULTS: dict[str, dict[str, Any]] = {
-    "ave": dict(epochs=6, batch_size=4, grad_accum=1, lr=1e-3, scheduler="none"),
-    "avvp": dict(epochs=2, batch_size=4, grad_accum=1, lr=1e-3, scheduler="none"),
-    "avs": dict(epochs=2, batch_size=4, grad_accum=1, lr=1e-3),
-    "avqa": dict(epochs=2, batch_size=4, grad_accum=1, lr=1e-3, scheduler="none"),
-}
-
-# flag -> TrainConfig field (values are parsed by the field's type, so errors name the key)
+# flag -> TrainConfig key (values are parsed by the field's type, so errors name the key)
 FLAGS = {
     "--data": "data", "--storage": "storage", "--name": "name", "--preset": "preset",
     "--workers": "workers", "--gpus-per-worker": "gpus_per_worker", "--cpus-per-worker": "cpus_per_worker",
@@ -43,17 +35,21 @@ FLAGS = {
 }
 
 
-def build_parser(task: str) -> argparse.ArgumentParser:
+def build_parser(task_name: str) -> argparse.ArgumentParser:
+    from avmoe.tasks import get_task
+
+    task = get_task(task_name)
     p = argparse.ArgumentParser(
-        prog=f"jobs/{task}.py",
-        description=f"Train (or evaluate) the {task.upper()} model on Ray Train + DeepSpeed.",
+        prog=f"jobs/{task_name}.py",
+        description=f"Train (or evaluate) the {task_name.upper()} model on Ray Train + DeepSpeed.",
         epilog="Any TrainConfig field as key=value (e.g. keep_checkpoints=3), model config keys as "
                "model.<key>=value (e.g. model.adapter.num_tokens=8). No --data on an embedded run: "
                "synthetic data + tiny preset. See README 'Training jobs'.")
     for flag, key in FLAGS.items():
         p.add_argument(flag, dest=key, default=None, metavar=key.upper())
-    if task == "avs":
-        p.add_argument("--setting", choices=("s4", "ms3"), default="s4")
+    if task.variants:
+        p.add_argument(f"--{task.variant_option}", dest="variant", choices=task.variants,
+                       default=task.variants[0], help=f"task variant (default {task.variants[0]})")
     p.add_argument("--no-test", action="store_true", help="skip the final test-split evaluation")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
@@ -61,25 +57,25 @@ def build_parser(task: str) -> argparse.ArgumentParser:
     return p
 
 
-def config_from_args(task: str, argv: list[str] | None) -> tuple[TrainConfig, bool, bool]:
+def config_from_args(task_name: str, argv: list[str] | None) -> tuple[TrainConfig, bool, bool]:
     """(config, synthetic, print_only) -- ``synthetic`` when the embedded default supplies the data."""
     from avmoe.ray_env import on_cluster
 
-    args = build_parser(task).parse_args(argv)
+    args = build_parser(task_name).parse_args(argv)
     given = {k: v for k, v in vars(args).items() if k in FLAGS.values() and v is not None}
-    cfg = TrainConfig(task=task, setting=getattr(args, "setting", None) if task == "avs" else None,
-                      storage=os.path.abspath(os.environ.get("AVMOE_STORAGE", "runs")))
+    cfg = TrainConfig.of(task=task_name, variant=getattr(args, "variant", None),
+                         storage=os.path.abspath(os.environ.get("AVMOE_STORAGE", "runs")))
     synthetic = "data" not in given and "eval_only" not in given and not on_cluster()
     if synthetic:
-        apply(cfg, EMBEDDED_DEFAULTS[task])
-    apply(cfg, given)
-    apply(cfg, parse_overrides(args.overrides))
+        cfg.apply(cfg.get_task().demo_schedule)
+    cfg.apply(given)
+    cfg.apply(parse_overrides(args.overrides))
     if args.no_test:
-        cfg.test = False
+        cfg.evaluation.test = False
     if args.no_plots:
-        cfg.plots = False
+        cfg.evaluation.plots = False
     if synthetic:
-        cfg.data = "<synthetic>"  # filled in after the checks that need no data
+        cfg.paths.data = "<synthetic>"  # filled in after the checks that need no data
     return cfg, synthetic, args.print_config
 
 
@@ -94,7 +90,7 @@ def connect(tcfg: TrainConfig) -> None:
     if on_cluster():
         ray.init(address=os.environ.get("RAY_ADDRESS") or "auto")
         return
-    need = tcfg.workers * tcfg.cpus_per_worker
+    need = tcfg.scale.workers * tcfg.scale.cpus_per_worker
     # one logical CPU more than the workers hold, so the ingest's decode tasks can run beside them
     init_local_ray(num_cpus=int(max(os.cpu_count() or 1, need + 1)))
 
@@ -121,34 +117,37 @@ def format_results(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(task: str, argv: list[str] | None = None) -> int:
+def main(task_name: str, argv: list[str] | None = None) -> int:
     from avmoe.ray_env import apply_loopback_env
 
     # before anything imports Ray: an embedded run stays on loopback (no-op on a cluster)
     apply_loopback_env()
-    from avmoe.train.trainer import fit, prepare
+    from avmoe.train.driver import fit, prepare
 
     t0 = time.perf_counter()
     try:
-        tcfg, synthetic, print_only = config_from_args(task, argv)
+        tcfg, synthetic, print_only = config_from_args(task_name, argv)
         if synthetic:
             # check everything but the data before generating it
-            TrainConfig.from_dict({**tcfg.to_dict(), "data": "unused"}).validate()
+            TrainConfig.from_dict(tcfg.to_dict()).apply({"data": "unused"}).validate()
             from data_pipeline.demo import prepare_demo_shards
 
-            dataset = tcfg.task_name
-            tcfg.data = os.path.abspath(prepare_demo_shards(dataset, root=os.environ.get("AVMOE_DEMO_DIR", "data/demo")))
-            print(f"[{task}] embedded default: synthetic {dataset} shards at {tcfg.data}, preset "
-                  f"{tcfg.preset}, {tcfg.workers} CPU workers")
+            dataset = tcfg.get_task().dataset
+            tcfg.paths.data = os.path.abspath(prepare_demo_shards(
+                dataset, root=os.environ.get("AVMOE_DEMO_DIR", "data/demo")))
+            print(f"[{task_name}] embedded default: synthetic {dataset} shards at {tcfg.paths.data}, preset "
+                  f"{tcfg.preset}, {tcfg.scale.workers} CPU workers")
         tcfg = prepare(tcfg)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     if print_only:
-        print(json.dumps(tcfg.to_dict(), indent=1))
+        d = tcfg.to_dict()
+        d["optim"] = tcfg.resolved_optim().to_dict()  # the values the run will use
+        print(json.dumps(d, indent=1))
         return 0
     connect(tcfg)
     results = fit(tcfg, prepared=True)
     print(format_results(results))
-    print(f"[{task}] done in {time.perf_counter() - t0:.0f} s")
+    print(f"[{task_name}] done in {time.perf_counter() - t0:.0f} s")
     return 0

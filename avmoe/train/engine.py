@@ -65,14 +65,15 @@ def build_optimizer(params: list[torch.nn.Parameter], name: str, lr: float, weig
     raise ValueError(f"optimizer must be adam or adamw; got {name!r}")
 
 
-def build_scheduler(optimizer, sched: dict[str, Any], steps_per_epoch: int):
+def build_scheduler(optimizer, opt, steps_per_epoch: int):
     """Spec §3 schedules are per epoch (StepLR(step_size epochs, gamma)); DeepSpeed steps the
     scheduler once per optimiser step, so the step size is converted to optimiser steps --
-    the same learning rate at every step as an epoch-stepped StepLR."""
-    if sched.get("name") != "step":
+    the same learning rate at every step as an epoch-stepped StepLR. ``opt``: the resolved
+    ``OptimConfig``."""
+    if opt.scheduler != "step":
         return None
-    return torch.optim.lr_scheduler.StepLR(optimizer, step_size=max(1, sched["step_size"] * steps_per_epoch),
-                                           gamma=sched["gamma"])
+    return torch.optim.lr_scheduler.StepLR(optimizer, step_size=max(1, opt.step_size * steps_per_epoch),
+                                           gamma=opt.gamma)
 
 
 def initialize(model: torch.nn.Module, optimizer, scheduler, config: dict[str, Any]):

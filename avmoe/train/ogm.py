@@ -16,15 +16,9 @@ Per optimiser step:
 
 Applied only for ``ogm_start_epoch <= epoch <= ogm_end_epoch`` (inclusive, as the code).
 
-Per-modality predictions (no extra heads, as OGM-GE's estimates from the shared classifier):
-
-* ave: the CMBS per-modality class scores (top-k time mean of ``video_cas`` / ``audio_cas``,
-  captured with forward hooks), softmax, probability of the video class;
-* avvp: the head's own per-modality video-level probabilities ``audio_prob`` / ``visual_prob``;
-  the score is the mean probability of the true labels (multi-label analogue of p[y]);
-* avqa: the concat-fusion split of OGM-GE: ``fc_fusion`` acts on [audio ; visual]; the audio
-  estimate uses the first half of its weight (+ b/2) with the visual half zeroed, and vice
-  versa, then the answer classifier; softmax, probability of the true answer.
+Per-modality predictions (no extra heads, as OGM-GE's estimates from the shared classifier)
+are the task's: ``Task.ogm_scores(model, out, batch)`` returns the micro-batch's summed
+true-class probabilities of its audio-only and visual-only estimates (see each task's file).
 
 Limitation: needs ZeRO stage 0. From stage 1 on, DeepSpeed reduces gradients into partitioned
 flat buffers and frees ``param.grad``, so there is no per-parameter gradient to modulate
@@ -38,7 +32,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 MODALITIES = ("audio", "visual")
 
@@ -68,32 +61,17 @@ def coefficients(s_audio: float, s_visual: float, alpha: float) -> tuple[float, 
 
 
 class OGMGE:
-    def __init__(self, task: str, model: torch.nn.Module, alpha: float, noise: bool, seed: int,
+    def __init__(self, task, model: torch.nn.Module, alpha: float, noise: bool, seed: int,
                  start_epoch: int, end_epoch: int) -> None:
-        if task not in ("ave", "avvp", "avqa"):
-            raise ValueError(f"OGM-GE supports ave, avvp, avqa; not {task!r}")
-        self.task, self.alpha, self.noise, self.seed = task, alpha, noise, seed
+        if not task.supports_ogm:
+            raise ValueError(f"task {task.name!r} does not support OGM-GE")
+        self.task, self.model = task, model
+        self.alpha, self.noise, self.seed = alpha, noise, seed
         self.start_epoch, self.end_epoch = start_epoch, end_epoch
         self.params = adapter_params(model)
         self.device = next(model.parameters()).device  # NCCL all-reduces device tensors only
-        self._captured: dict[str, torch.Tensor] = {}
-        self._hooks = []
-        head = model.head
-        if task == "ave":
-            for nm in ("audio_cas", "video_cas"):
-                self._hooks.append(getattr(head, nm).register_forward_hook(self._capture(nm)))
-            self.topk = head.topk
-        elif task == "avqa":
-            self._hooks.append(head.fc_fusion.register_forward_hook(self._capture("fusion_in", inputs=True)))
-            self._hooks.append(head.question.register_forward_hook(self._capture("q")))
-            self.head = head
         self.reset()
         self.last: dict[str, float] = {}
-
-    def _capture(self, name: str, inputs: bool = False):
-        def hook(_mod, args, out):
-            self._captured[name] = (args[0] if inputs else out).detach()
-        return hook
 
     def reset(self) -> None:
         self.s = torch.zeros(2, dtype=torch.float64)  # (audio, visual) summed over the step
@@ -101,34 +79,7 @@ class OGMGE:
     @torch.no_grad()
     def observe(self, out: dict[str, Any], batch) -> None:
         """Add this micro-batch's per-modality true-class probabilities."""
-        if self.task == "ave":
-            from avmoe.models.heads.ave import topk_time_mean
-            from avmoe.tasks.ave import BACKGROUND, segment_labels
-
-            labels = segment_labels(batch)
-            fg = labels != BACKGROUND
-            y = torch.where(fg, labels, torch.zeros_like(labels)).max(1).values  # the task's video class
-            pa = F.softmax(topk_time_mean(self._captured["audio_cas"], self.topk), -1)
-            pv = F.softmax(topk_time_mean(self._captured["video_cas"], self.topk), -1)
-            y = y.to(pa.device)
-            sa, sv = pa.gather(1, y[:, None]).sum(), pv.gather(1, y[:, None]).sum()
-        elif self.task == "avvp":
-            y = batch.targets["video_labels"].to(out["audio_prob"].device).float()
-            n = y.sum(1).clamp(min=1)
-            sa = ((out["audio_prob"] * y).sum(1) / n).sum()
-            sv = ((out["visual_prob"] * y).sum(1) / n).sum()
-        else:
-            f = self._captured["fusion_in"]  # (B, 2D) = tanh([audio ; visual])
-            d = f.shape[-1] // 2
-            w, b = self.head.fc_fusion.weight, self.head.fc_fusion.bias
-            q = self._captured["q"]  # the question vector multiplying the fused feature
-            y = batch.targets["answer"].to(f.device).long().view(-1)
-            scores = []
-            for half in (slice(0, d), slice(d, 2 * d)):
-                z = f[:, half] @ w[:, half].T + b / 2
-                logits = self.head.fc_ans(torch.tanh(z * q))
-                scores.append(F.softmax(logits, -1).gather(1, y[:, None]).sum())
-            sa, sv = scores
+        sa, sv = self.task.ogm_scores(self.model, out, batch)
         self.s += torch.stack([sa.double().cpu(), sv.double().cpu()])
 
     def active(self, epoch: int) -> bool:
@@ -159,7 +110,3 @@ class OGMGE:
                     noise = torch.randn(p.grad.shape, generator=g, dtype=torch.float32) * std
                     p.grad.add_(noise.to(p.grad.device, p.grad.dtype))
         return self.last
-
-    def close(self) -> None:
-        for h in self._hooks:
-            h.remove()

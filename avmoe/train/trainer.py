@@ -1,186 +1,477 @@
-"""The driver side: check a ``TrainConfig`` against the data, then run it on Ray Train.
+"""The per-rank trainer: what every Ray Train worker runs (``Trainer(config, session).run()``).
 
-``prepare(tcfg)`` does every check that needs no cluster (config keys and types, the shards'
-manifests: present, of this task, label vocabularies -> model sizes) and raises
-``ConfigError`` naming the key; ``fit(tcfg)`` then runs a ``TorchTrainer``:
+One optimiser step = ``grad_accum`` micro-batches of ``batch_size`` samples per worker; an
+epoch is ``batches_per_epoch // grad_accum`` steps (the leftover micro-batches of an epoch, if
+any, are not read: a step never straddles two epochs, so a checkpoint always sits between
+steps). DeepSpeed averages the loss over the accumulation window (the released scripts sum it;
+with Adam that only changes epsilon's relative weight, spec §8.14).
 
-* ``ScalingConfig(num_workers, use_gpu, resources_per_worker)``; gloo on CPU, NCCL on GPU;
-* ``RunConfig(name, storage_path, FailureConfig(max_failures), CheckpointConfig(keep K, scored
-  by the validation metric))``. Resume = run again with the same name and storage: Ray Train
-  v2 hands the workers the latest checkpoint (``resume_from_checkpoint=`` raises in v2);
-* ``worker_runtime_env``: ``TORCH_EXTENSIONS_DIR`` (DeepSpeed's CPU comm op is JIT-built once,
-  ~40 s, and cached there), the loopback variables of an embedded run, S3 settings.
+Per epoch: ``train_epoch`` (``train_step`` after ``train_step``), ``validate`` with the exact
+metric, ``save`` a checkpoint (named ``epoch-EEEE-step-SSSSSSS``) scored by that metric. Best =
+highest validation score (never the test split). ``finish``: restore the best checkpoint,
+evaluate the test split (and with ``eval_drop``, again with that modality absent), write
+results.json and the plots.
+
+Everything task-specific comes from the task object (``avmoe.tasks``): model, loss, metric,
+OGM-GE scores, pictures. Test seams: ``make_stream`` (the data source of a split) and
+``after_step`` (called after every optimiser step) are methods a test subclass overrides; the
+driver runs any ``Trainer`` subclass on the workers (``fit(tcfg, trainer_cls=...)``).
 """
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import json
 import logging
+import math
 import os
+import random
+import tempfile
+import time
+from dataclasses import dataclass, field
 from typing import Any
 
-from avmoe.train.config import ConfigError, TrainConfig
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from avmoe.telemetry import WorkerMetrics, flops_per_sample
+from avmoe.train import checkpoint as ckpt_io
+from avmoe.train.config import TrainConfig
+from avmoe.train.engine import build_optimizer, build_scheduler, deepspeed_config, initialize, use_bf16
+from avmoe.train.evaluate import EvalResult, evaluate
+from avmoe.train.session import Session
 
 log = logging.getLogger("avmoe.train")
 
-
-def data_model_keys(task: str, manifest: dict[str, Any]) -> dict[str, Any]:
-    """Model config keys the shards decide (label vocabularies, segment count, feature size)."""
-    vocab = manifest.get("label_vocab") or {}
-    out: dict[str, Any] = {"num_segments": int(manifest["segments"])}
-    if task in ("ave", "avvp") and "classes" in vocab:
-        out["num_classes"] = len(vocab["classes"])
-    if task == "avvp":
-        # the shards' r2p1d.npy are (T, 512) R(2+1)D-18 features (data_pipeline/SCHEMA.md); the
-        # tiny preset's own st_dim is for hand-made test batches
-        out["st_dim"] = int(manifest.get("feature_dim", 512))
-    if task == "avqa":
-        if "question_tokens" in vocab:
-            out["vocab_size"] = len(vocab["question_tokens"])
-        if "answers" in vocab:
-            out["num_answers"] = len(vocab["answers"])
-        if "max_question_len" in vocab:
-            out["max_question_len"] = int(vocab["max_question_len"])
-    return out
+NO_SCORE = -1e30  # score of mid-epoch checkpoints: Ray keeps the best-scored ones and the latest
 
 
-def _load_manifest(url: str, split: str) -> dict[str, Any]:
-    from data_pipeline.ingest import load_manifest
+@dataclass
+class RunState:
+    """What a checkpoint records of the loop (trainer.json) besides the engine's state."""
 
+    epoch: int = 0  # current epoch
+    batches_done: int = 0  # micro-batches of ``epoch`` consumed
+    step: int = 0  # optimiser steps in total
+    best_score: float | None = None
+    best_checkpoint: str | None = None
+    best_epoch: int | None = None
+    bad_epochs: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    stopped_early: bool = False  # early stop on validation (epochs is re-read on resume)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state().tolist(),
+            "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+            "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]]}
+
+
+def _set_rng_state(s: dict[str, Any]) -> None:
+    torch.set_rng_state(torch.tensor(s["torch"], dtype=torch.uint8))
+    n = s["numpy"]
+    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
+    p = s["python"]
+    random.setstate((p[0], tuple(p[1]), p[2]))
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _node_ip() -> str:
     try:
-        return load_manifest(url, split)
-    except Exception as e:
-        raise ConfigError(f"data: {e}") from None
+        import ray
+
+        return ray.util.get_node_ip_address()
+    except Exception:  # not inside Ray (LocalSession)
+        return "127.0.0.1"
 
 
-def read_checkpoint_meta(path: str) -> dict[str, Any]:
-    """``trainer.json`` of a checkpoint (local path or any fsspec URL), as a config error."""
-    from avmoe.train.checkpoint import read_meta
-
-    try:
-        return read_meta(path)
-    except FileNotFoundError as e:
-        raise ConfigError(f"eval_only: {e}") from None
-
-
-def prepare(tcfg: TrainConfig) -> TrainConfig:
-    """Validate and complete ``tcfg`` on the driver (no Ray). Returns a new config."""
-    tcfg = dataclasses.replace(tcfg, model=dict(tcfg.model))
-    if tcfg.eval_only:
-        meta = read_checkpoint_meta(tcfg.eval_only)["meta"]
-        saved = TrainConfig.from_dict(meta["config"])
-        if saved.task != tcfg.task or (saved.setting or None) != (tcfg.setting or None) and tcfg.task == "avs":
-            raise ConfigError(f"eval_only: the checkpoint is a {meta['task']} model; this job is "
-                              f"{tcfg.task_name}")
-        # the model is rebuilt exactly as trained (preset, overrides, and the seed that drew any
-        # randomly initialised frozen weights)
-        tcfg = dataclasses.replace(tcfg, preset=saved.preset, model=dict(saved.model), seed=saved.seed,
-                                   optimizer=saved.optimizer, data=tcfg.data or saved.data)
-        if int(meta["zero_stage"]) <= 2:
-            # ZeRO 0-2 keep the whole trainable weights in one file: evaluate with plain data
-            # parallelism on this run's --workers, whatever the training layout was
-            tcfg = dataclasses.replace(tcfg, zero_stage=0)
-        else:  # ZeRO 3 partitions the weights: the same layout as trained
-            tcfg = dataclasses.replace(tcfg, zero_stage=3, workers=int(meta["world_size"]),
-                                       batch_size=saved.batch_size, grad_accum=saved.grad_accum)
-    tcfg.validate()
-    splits = [tcfg.test_split] if tcfg.eval_only else [tcfg.train_split, tcfg.val_split] + (
-        [tcfg.test_split] if tcfg.test else [])
-    if tcfg.stream_factory:  # tests' in-memory data: no manifests to check
-        return tcfg
-    manifests = {s: _load_manifest(tcfg.data, s) for s in splits}
-    for split, m in manifests.items():
-        if m["dataset"] != tcfg.task_name:
-            raise ConfigError(f"data: the {split} shards at {tcfg.data} are {m['dataset']!r} data "
-                              f"(manifest 'dataset'); this job trains {tcfg.task_name!r}")
-    derived = data_model_keys(tcfg.task, manifests[splits[0]])
-    for key, value in derived.items():
-        if key in tcfg.model and tcfg.model[key] != value:
-            raise ConfigError(f"model.{key}={tcfg.model[key]!r} disagrees with the shards "
-                              f"({value!r} in {splits[0]}.manifest.json)")
-        tcfg.model[key] = value
-    tcfg.validate()  # the model config again, with the data's sizes
-    return tcfg
+def _allreduce(values: list[float], device, op: str = "sum") -> list[float]:
+    """Element-wise across ranks: "sum", "mean" or "max" (float64, on ``device``: NCCL needs the GPU)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+        if op == "mean":
+            t /= dist.get_world_size()
+    return t.tolist()
 
 
-def worker_env(tcfg: TrainConfig) -> dict[str, str]:
-    env: dict[str, str] = {}
-    from avmoe.ray_env import LOOPBACK_VARS, on_cluster
+def _cfg_dict(cfg) -> dict[str, Any]:
+    import dataclasses
 
-    # the telemetry settings of the driver reach the workers (where WorkerMetrics reads them)
-    names = ["TORCH_EXTENSIONS_DIR", "AVMOE_CACHE_DIR", "AVMOE_METRICS", "AVMOE_METRICS_ADDR", "AVMOE_METRICS_PORT",
-             "AVMOE_METRICS_PORT_SLOTS", "AVMOE_METRICS_SD_DIR", "AVMOE_METRICS_STRICT", "AVMOE_PEAK_FLOPS"]
-    if not on_cluster():
-        names += list(LOOPBACK_VARS) + ["HOME"]
-    for k in names:
-        if k in os.environ:  # an empty value means something too (AVMOE_METRICS_SD_DIR="": no file SD)
-            env[k] = os.environ[k]
-    if not tcfg.gpus_per_worker:
-        env["DS_ACCELERATOR"] = "cpu"  # a CPU job on a GPU node must not pick CUDA
-    if tcfg.data:
-        from data_pipeline.ingest import worker_env as ingest_env
-
-        env.update((ingest_env(tcfg.data) or {}).get("env_vars", {}))
-    return env
+    return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
 
 
-def storage_path(storage: str) -> str:
-    return storage if "://" in storage else os.path.abspath(storage)
+def _register_task(cls) -> None:
+    """The driver sends the task's class (by reference): a task registered on the driver at run
+    time (a plug-in, a test's) is then known in this worker's registry too."""
+    from avmoe.tasks import TASKS
+
+    if cls is not None and cls.name not in TASKS:
+        TASKS.add(cls.name, cls)
 
 
-def fit(tcfg: TrainConfig, *, prepared: bool = False) -> dict[str, Any]:
-    """Run training (or ``eval_only``) on the current Ray cluster; returns the run's results
-    (results.json's content)."""
-    import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from avmoe.train.loop import train_worker
-
-    if not prepared:
-        tcfg = prepare(tcfg)
-    name = tcfg.run_name()
-    use_gpu = tcfg.gpus_per_worker > 0
-    resources = {"CPU": tcfg.cpus_per_worker}
-    if use_gpu:
-        resources["GPU"] = tcfg.gpus_per_worker
-    trainer = TorchTrainer(
-        train_worker,
-        train_loop_config={"train": tcfg.to_dict(), "run_name": name, "eval_only": tcfg.eval_only},
-        scaling_config=ScalingConfig(num_workers=tcfg.workers, use_gpu=use_gpu, resources_per_worker=resources),
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        run_config=RunConfig(
-            name=name, storage_path=storage_path(tcfg.storage),
-            failure_config=FailureConfig(max_failures=tcfg.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=tcfg.keep_checkpoints,
-                                               checkpoint_score_attribute="select_score",
-                                               checkpoint_score_order="max"),
-            worker_runtime_env={"env_vars": worker_env(tcfg)}),
-    )
-    assert ray.is_initialized()
-    trainer.fit()  # raises on failure (after max_failures restarts)
-    return read_results(tcfg.storage, name)
+# --------------------------------------------------------------------------- the trainer
 
 
-def read_results(storage: str, name: str) -> dict[str, Any]:
-    """results.json of run ``name`` (rank 0 writes it into the run directory in storage)."""
-    from data_pipeline import storage as st
+class Trainer:
+    def __init__(self, config: dict[str, Any], session: Session) -> None:
+        self.worker_start = time.time()  # wall clock: the benchmark's time to first step
+        _register_task(config.get("task_cls"))
+        self.tcfg = TrainConfig.from_dict(config["train"])
+        self.run_name: str = config["run_name"]
+        self.eval_source: str | None = config.get("eval_only")
+        self.eval_only = bool(self.eval_source)
+        self.session = session
+        self.rank, self.world = session.rank, session.world_size
+        self.state = RunState()
+        self.step_times: list[float] = []
+        self.first_step_unix: float | None = None
+        self.stopped_at_max_steps = False
 
-    fs, base = st.filesystem(storage_path(storage))
-    with fs.open(st.join(st.join(base, name), "results.json"), "rb") as f:
-        results = json.load(f)
-    results["results_dir"] = st.join(storage_path(storage), name)
-    return results
+    # ------------------------------------------------------------------ test seams
+
+    def make_stream(self, split: str, batch_size: int, shuffle: bool, drop_last: bool):
+        """The data source of one split on this rank: ``data_pipeline.ingest.ShardStream``.
+        A replacement needs ``manifest``, ``num_samples``, ``batches_per_epoch``,
+        ``epoch(e, start_batch)``, ``resume(state)``, ``state(e, n)`` and ``skipped_total``."""
+        from data_pipeline.ingest import IngestConfig, ShardStream
+
+        ing = self.tcfg.ingest
+        cfg = IngestConfig(url=self.tcfg.paths.data, split=split, batch_size=batch_size, seed=self.seed,
+                           shuffle=shuffle, shuffle_buffer=ing.shuffle_buffer, read_concurrency=ing.read_concurrency,
+                           prefetch_batches=ing.prefetch_batches, on_error=ing.on_error,
+                           decode_resources=({"CPU": ing.decode_cpus} if ing.decode_cpus is not None else None),
+                           drop_last=drop_last)
+        return ShardStream(cfg, rank=self.rank, world_size=self.world)
+
+    def after_step(self) -> None:
+        """Called after every optimiser step (``self.state.step`` is its number)."""
+
+    # ------------------------------------------------------------------ setup
+
+    def setup(self) -> None:
+        tcfg = self.tcfg
+        self.device = torch.device("cpu")
+        on_gpu = tcfg.scale.gpus_per_worker > 0 and torch.cuda.is_available()
+        if on_gpu:
+            try:  # the GPU Ray Train assigned to this worker
+                import ray.train.torch
+
+                self.device = ray.train.torch.get_device()
+            except Exception:  # LocalSession: no Ray Train context
+                self.device = torch.device("cuda", 0)
+            torch.cuda.set_device(self.device)
+        # tiny models are dominated by op overhead; one intra-op thread per CPU the worker holds
+        torch.set_num_threads(max(1, int(tcfg.scale.cpus_per_worker)))
+
+        self.task = tcfg.get_task()
+        self.cfg = tcfg.task_config()
+        self.opt = tcfg.resolved_optim()
+        self.seed = int(self.opt.seed)
+        self.batch_size, self.grad_accum = int(self.opt.batch_size), int(self.opt.grad_accum)
+
+        # identical initial weights on every rank (DeepSpeed does not broadcast a client model)
+        _seed_all(self.seed)
+        model = self.task.build_model(self.cfg)
+        _seed_all(self.seed + 7919 * self.rank)  # per-rank stream for dropout / router noise
+
+        self.train_stream = self.val_stream = None
+        self.steps_per_epoch = 1
+        if not self.eval_only:
+            self.train_stream = self.make_stream(tcfg.paths.train_split, self.batch_size, True, True)
+            per_epoch = self.train_stream.batches_per_epoch
+            if tcfg.loop.limit_train_batches:
+                per_epoch = min(per_epoch, tcfg.loop.limit_train_batches)
+            self.steps_per_epoch = per_epoch // self.grad_accum
+            if self.steps_per_epoch < 1:
+                raise ValueError(f"{self.train_stream.num_samples} training samples give {per_epoch} batches of "
+                                 f"{self.batch_size} per rank on {self.world} ranks: fewer than "
+                                 f"grad_accum={self.grad_accum}")
+            self.val_stream = self.make_stream(tcfg.paths.val_split, self.batch_size, False, False)
+        flops = self._measure_flops(model) if tcfg.telemetry.metrics and self.val_stream is not None else None
+
+        optimizer = build_optimizer(model.trainable_parameters(), self.opt.optimizer, self.opt.lr,
+                                    self.opt.weight_decay)
+        scheduler = build_scheduler(optimizer, self.opt, self.steps_per_epoch)
+        ds_cfg = deepspeed_config(micro_batch=self.batch_size, grad_accum=self.grad_accum,
+                                  zero_stage=tcfg.deepspeed.zero_stage, bf16=use_bf16(tcfg.deepspeed.precision, on_gpu),
+                                  grad_clip=tcfg.loop.grad_clip, user=tcfg.deepspeed.overrides())
+        t_init = time.perf_counter()
+        self.engine, self.optimizer, self.scheduler = initialize(model, optimizer, scheduler, ds_cfg)
+        self.init_seconds = time.perf_counter() - t_init
+        self.module = self.engine.module
+
+        self.train_ingest_state = None
+        self._restore()
+
+        self.metrics = WorkerMetrics(job=self.run_name, task=self.task.full_name, rank=self.rank, node=_node_ip(),
+                                     bind_address=tcfg.telemetry.metrics_address, port=tcfg.telemetry.metrics_port,
+                                     sd_dir=tcfg.telemetry.metrics_sd_dir, enabled=tcfg.telemetry.metrics)
+        self.metrics.start()
+        self.metrics.set_flops_per_sample(flops)
+
+        self.ogm = None
+        if tcfg.ogm.modulation != "none" and not self.eval_only:
+            from avmoe.train.ogm import OGMGE
+
+            o = tcfg.ogm
+            self.ogm = OGMGE(self.task, self.module, o.ogm_alpha, o.modulation == "ogm_ge", self.seed,
+                             o.ogm_start_epoch, o.ogm_end_epoch)
+
+    def _measure_flops(self, model) -> float | None:
+        """FLOPs of one training step, on the plain module before DeepSpeed wraps it (ZeRO >= 1
+        adds gradient hooks that would reduce the probe's gradients; ZeRO-3 partitions the
+        weights). Shapes are all that matter, so the first validation batch stands in for a
+        training batch without moving the training stream or the RNG."""
+        flops = None
+        probe = self.val_stream.epoch(0)
+        try:
+            b = next(probe, None)  # None: this rank's share of a tiny validation split is empty
+            if b is None:
+                raise LookupError("no validation batch on this rank")
+            b = b.to(self.device)
+            model.to(self.device).train()
+            # (flops_per_sample restores buffers and RNG streams: training is unchanged by it)
+            flops = flops_per_sample(model, lambda m, x: self.task.loss(m(x), x, self.cfg)[0], b)
+        except (RuntimeError, LookupError) as e:
+            # an optional gauge must not stop training: MFU is then absent for that run
+            log.warning("rank %d: FLOPs per sample not measured (%s)", self.rank, str(e).splitlines()[0])
+        finally:
+            getattr(probe, "close", lambda: None)()
+        # every rank runs the same graph: a rank whose share of a small validation split is
+        # empty takes the count of one that measured
+        flops = _allreduce([flops or -1.0], self.device, "max")[0]
+        return flops if flops > 0 else None
+
+    def _restore(self) -> None:
+        """Resume from the run's latest checkpoint (or load ``--eval-only``'s)."""
+        ctx = (self.session.open_checkpoint_path(self.eval_source) if self.eval_source
+               else self.session.latest_checkpoint())
+        with ctx as ckdir:
+            if not ckdir:
+                return
+            if self.eval_only and self.tcfg.deepspeed.zero_stage != 3:
+                meta = ckpt_io.load_weights(self.module, ckdir)  # the driver chose plain DP for ZeRO 0-2
+            else:
+                meta = ckpt_io.load(self.engine, ckdir, self.rank)
+            self.state = RunState(**meta["trainer"])
+            self.train_ingest_state = meta["rank"].get("ingest")
+            if not self.eval_only:
+                _set_rng_state(meta["rank"]["rng"])
+            log.info("rank %d: resumed from %s (epoch %d, step %d, %d batches into the epoch)",
+                     self.rank, ckdir, self.state.epoch, self.state.step, self.state.batches_done)
+
+    # ------------------------------------------------------------------ training
+
+    def checkpoint_name(self) -> str:
+        return f"epoch-{self.state.epoch:04d}-step-{self.state.step:07d}"
+
+    def run(self) -> None:
+        self.setup()  # (an error here ends the worker; Ray Train restarts the group)
+        try:
+            if not self.eval_only:
+                epochs = int(self.opt.epochs)
+                while self.state.epoch < epochs and not self.state.stopped_early:
+                    if not self.train_epoch():
+                        break
+                    self.end_epoch()
+                    at_max = self.tcfg.loop.max_steps is not None and self.state.step >= self.tcfg.loop.max_steps
+                    if at_max and self.state.epoch < epochs and not self.state.stopped_early:
+                        self.stopped_at_max_steps = True
+                        break
+            self.finish()
+        finally:
+            self.metrics.close()
+
+    def train_epoch(self) -> bool:
+        """Train the rest of the current epoch; False when ``max_steps`` stopped it midway (after
+        a checkpoint)."""
+        st, epoch = self.state, self.state.epoch
+        self.metrics.set_epoch(epoch)
+        self.engine.train()
+        self.module.reset_router_stats()
+        total_batches = self.steps_per_epoch * self.grad_accum
+        resume = self.train_ingest_state
+        if resume and resume["epoch"] == epoch and st.batches_done:
+            it = self.train_stream.resume(resume)
+        else:
+            it = self.train_stream.epoch(epoch, start_batch=st.batches_done)
+        self.train_ingest_state = None
+        self._loss_sum, self._loss_n, self._parts_sum = 0.0, 0, {}
+        self._t_last = time.perf_counter()
+        try:
+            while st.batches_done < total_batches:
+                self.train_step(it)
+                mid = st.batches_done < total_batches
+                at_max = self.tcfg.loop.max_steps is not None and st.step >= self.tcfg.loop.max_steps
+                every = self.tcfg.checkpoint.checkpoint_every
+                if mid and (at_max or (every and st.step % every == 0)):
+                    self.save(self.checkpoint_name(), NO_SCORE,
+                              {"train_loss": self._loss_sum / max(1, self._loss_n)})
+                if at_max and mid:
+                    self.stopped_at_max_steps = True
+                    return False
+        finally:
+            with contextlib.suppress(Exception):
+                it.close()
+        return True
+
+    def train_step(self, it) -> float:
+        """``grad_accum`` micro-batches and one optimiser step; returns the last micro-batch's loss."""
+        st, tcfg = self.state, self.tcfg
+        wait, samples = 0.0, 0
+        while True:
+            t0 = time.perf_counter()
+            batch = next(it)
+            wait += time.perf_counter() - t0
+            batch = batch.to(self.device)
+            samples += batch.batch_size
+            out = self.engine(batch)
+            loss, parts = self.task.loss(out, batch, self.cfg)
+            if self.ogm is not None:
+                self.ogm.observe(out, batch)
+            boundary = self.engine.is_gradient_accumulation_boundary()
+            self.engine.backward(loss)
+            if boundary and self.ogm is not None:
+                self.ogm.modulate(st.epoch, st.step)  # grads are all-reduced now (ZeRO 0)
+            self.engine.step()
+            st.batches_done += 1
+            loss_value = float(loss.detach())  # one host sync per micro-batch
+            self._loss_sum += loss_value
+            self._loss_n += 1
+            for k, v in parts.items():
+                self._parts_sum[k] = self._parts_sum.get(k, 0.0) + v
+            if boundary:
+                break
+        st.step += 1
+        now = time.perf_counter()
+        step_s, self._t_last = now - self._t_last, now
+        self.step_times.append(step_s)
+        if self.first_step_unix is None:
+            self.first_step_unix = time.time()
+        gnorm = self.engine.get_global_grad_norm() if tcfg.loop.grad_clip else None
+        self.metrics.observe_step(samples=samples, step_seconds=step_s, data_wait_seconds=wait, loss=loss_value,
+                                  lr=self.optimizer.param_groups[0]["lr"],
+                                  grad_norm=float(gnorm) if gnorm is not None else None)
+        self.metrics.set_skipped_total(self.train_stream.skipped_total)
+        self.after_step()
+        return loss_value
+
+    def end_epoch(self) -> None:
+        """Global train loss, validation, best-so-far, early stop, the epoch's checkpoint."""
+        st, epoch, primary = self.state, self.state.epoch, self.task.primary_metric
+        n = max(1, self._loss_n)
+        tl = _allreduce([self._loss_sum / n] + [v / n for v in self._parts_sum.values()], self.device, "mean")
+        val = self.validate()
+        score = float(val.metrics.get(primary, float("nan")))
+        self.metrics.set_validation(primary, score)
+        self.metrics.set_router_usage(self.module.router_stats())
+        improved = not math.isnan(score) and (st.best_score is None or score > st.best_score)
+        st.epoch += 1
+        st.batches_done = 0
+        row = {"epoch": epoch, "step": st.step, "train_loss": tl[0], "train_parts": dict(zip(self._parts_sum, tl[1:])),
+               "val": val.metrics, "lr": self.optimizer.param_groups[0]["lr"],
+               "skipped": int(_allreduce([self.train_stream.skipped_total], self.device)[0])}
+        if self.ogm is not None:
+            row["ogm"] = dict(self.ogm.last)
+        st.history.append(row)
+        name = self.checkpoint_name()
+        if improved:
+            st.best_score, st.best_checkpoint, st.best_epoch = score, name, epoch
+            st.bad_epochs = 0
+        else:
+            st.bad_epochs += 1
+        early_stop = self.opt.early_stop
+        st.stopped_early = bool(early_stop) and st.bad_epochs >= early_stop
+        if self.rank == 0:
+            log.info("epoch %d: train_loss %.4f val %s=%.4f%s", epoch, tl[0], primary, score,
+                     " (best)" if improved else "")
+        self.save(name, score if not math.isnan(score) else NO_SCORE, {"train_loss": tl[0], f"val_{primary}": score})
+
+    def validate(self, stream=None, drop: str | None = None) -> EvalResult:
+        return evaluate(self.engine, self.task, self.cfg, stream or self.val_stream, device=self.device, drop=drop,
+                        limit=self.tcfg.loop.limit_eval_batches, zero3=self.tcfg.deepspeed.zero_stage == 3)
+
+    def save(self, dir_name: str, score: float, extra_metrics: dict[str, Any]) -> None:
+        t0 = time.perf_counter()
+        st, tcfg = self.state, self.tcfg
+        with tempfile.TemporaryDirectory(prefix="avmoe-ckpt-") as d:
+            ingest = self.train_stream.state(st.epoch, st.batches_done) if self.train_stream else None
+            ckpt_io.save(self.engine, d, self.rank, trainer=st.__dict__,
+                         rank_state={"ingest": ingest, "rng": _rng_state()},
+                         meta={"zero_stage": tcfg.deepspeed.zero_stage, "world_size": self.world,
+                               "task": self.task.full_name, "run_name": self.run_name, "config": tcfg.to_dict()})
+            self.session.report({**extra_metrics, "select_score": score, "epoch": st.epoch, "step": st.step,
+                                 "checkpoint": dir_name}, checkpoint_dir=d, dir_name=dir_name)
+        self.metrics.observe_checkpoint_save(time.perf_counter() - t0)
+
+    # ------------------------------------------------------------------ the end
+
+    def finish(self) -> None:
+        """The best checkpoint (validation) on the test split; results.json and plots (rank 0)."""
+        st, tcfg, primary = self.state, self.tcfg, self.task.primary_metric
+        results: dict[str, Any] = {
+            "run_name": self.run_name, "task": self.task.full_name, "primary_metric": primary,
+            "config": tcfg.to_dict(), "model_config": _cfg_dict(self.cfg), "optim": self.opt.to_dict(),
+            "world_size": self.world, "zero_stage": tcfg.deepspeed.zero_stage,
+            # eval-only: the checkpoint's own training history is kept apart
+            "history": [] if self.eval_only else st.history,
+            "checkpoint_history": st.history if self.eval_only else None,
+            "best": {"epoch": st.best_epoch, "checkpoint": st.best_checkpoint, f"val_{primary}": st.best_score},
+            "stopped_at_max_steps": self.stopped_at_max_steps,
+            "timing": {"deepspeed_init_s": self.init_seconds, "worker_start_unix": self.worker_start,
+                       "first_step_unix": self.first_step_unix,
+                       "median_step_s": float(np.median(self.step_times)) if self.step_times else None,
+                       "steps_timed": len(self.step_times)},
+        }
+        test_items = None
+        if (tcfg.evaluation.test or self.eval_only) and not self.stopped_at_max_steps:
+            if not self.eval_only and st.best_checkpoint and st.best_checkpoint != self.checkpoint_name():
+                with self.session.open_checkpoint(st.best_checkpoint) as d:
+                    ckpt_io.load(self.engine, d, self.rank)
+            # (no finite validation score, best_checkpoint None: the last weights are tested)
+            test_stream = self.make_stream(tcfg.paths.test_split, self.batch_size, False, False)
+            test = self.validate(test_stream)
+            results["test"] = test.metrics
+            results["test_checkpoint"] = self.eval_source or st.best_checkpoint or self.checkpoint_name()
+            test_items = test.items
+            drop = tcfg.evaluation.eval_drop
+            if drop:
+                results[f"test_drop_{drop}"] = self.validate(test_stream, drop=drop).metrics
+            results["router_usage"] = {k: [round(float(x), 6) for x in v["mean_weight"].tolist()]
+                                       for k, v in self.module.router_stats().items()}
+        if self.rank == 0:
+            self._write_results(results, test_items)
+        # the driver reads results.json from storage (Ray's Result carries the last *checkpoint's* metrics)
+        self.session.report({"final": True, "test": results.get("test") if self.rank == 0 else None})
+
+    def _write_results(self, results: dict[str, Any], items) -> str:
+        from avmoe.plots import plot_run
+
+        with tempfile.TemporaryDirectory(prefix="avmoe-results-") as d:
+            with open(os.path.join(d, "results.json"), "w") as f:
+                json.dump(results, f, indent=1, default=float)
+            if self.tcfg.evaluation.plots:
+                try:
+                    plot_run(results, items, self.task, os.path.join(d, "plots"))
+                except Exception as e:  # plots must never lose a finished run's results
+                    log.warning("plots failed: %s", e)
+            return self.session.write_run_files(d)
 
 
-def run_local(tcfg: TrainConfig, session=None) -> dict[str, Any]:
-    """The same loop in this process (world size 1, no Ray Train): tests and the bare benchmark."""
-    from avmoe.train.loop import run_worker
-    from avmoe.train.session import LocalSession, init_local_process_group
+def train_worker(config: dict[str, Any]) -> None:
+    """Entry point of every Ray Train worker: ``config["trainer_cls"]`` (default ``Trainer``)."""
+    from avmoe.train.session import RaySession
 
-    init_local_process_group()
-    name = tcfg.run_name()
-    session = session or LocalSession(storage_path(tcfg.storage), name)
-    run_worker({"train": tcfg.to_dict(), "run_name": name, "eval_only": tcfg.eval_only}, session)
-    return read_results(tcfg.storage, name)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    (config.get("trainer_cls") or Trainer)(config, RaySession()).run()

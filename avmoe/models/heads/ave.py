@@ -10,12 +10,24 @@ V_q <- V_q (1 + 0.1 g_a), A_q <- A_q (1 + 0.1 g_v) -> CMBS:
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 from torch import nn
 
-from avmoe.config import AVEConfig
+from avmoe.config import TaskConfig, TemporalConfig
 from avmoe.models.heads.temporal import TemporalAttention
 from avmoe.models.registries import HEADS
+
+
+@dataclass
+class AVEConfig(TaskConfig):
+    num_classes: int = 28  # + background (index 28) in the labels
+    visual_dim: int = 512  # Linear(1536 -> 512) + ReLU + Dropout before the visual LSTM
+    temporal: TemporalConfig = field(default_factory=TemporalConfig)
+    gate_scale: float = 0.1  # V_q <- V_q (1 + 0.1 g_a)
+    topk: int = 4  # CMBS top-k mean over time
+    av_score_weight: float = 0.3
 
 
 def topk_time_mean(cas: torch.Tensor, k: int) -> torch.Tensor:
@@ -42,11 +54,13 @@ class AVEHead(nn.Module):
         ta = self.temporal_attn(feats.a_feat.view(b, t, -1), feats.v_feat.view(b, t, -1))
         v_q = ta["v_q"] * (1 + self.gate_scale * ta["g_a"])
         a_q = ta["a_q"] * (1 + self.gate_scale * ta["g_v"])
-        av_score = (topk_time_mean(self.video_cas(v_q), self.topk)
-                    + topk_time_mean(self.audio_cas(a_q), self.topk)) / 2
+        video_cas, audio_cas = self.video_cas(v_q), self.audio_cas(a_q)
+        av_score = (topk_time_mean(video_cas, self.topk) + topk_time_mean(audio_cas, self.topk)) / 2
         fused = (v_q + a_q) / 2
         return {
             "is_event": self.is_event(fused).squeeze(-1),
             "event_logits": self.event_classifier(fused.max(dim=1).values) + self.av_weight * av_score,
             "av_score": av_score,
+            # per-modality class activation sequences (B, T, C): OGM-GE's uni-modal estimates
+            "video_cas": video_cas, "audio_cas": audio_cas,
         }

@@ -20,12 +20,25 @@ sample itself.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from avmoe.config import AVQAConfig
+from avmoe.config import TaskConfig
 from avmoe.models.registries import HEADS
+
+
+@dataclass
+class AVQAConfig(TaskConfig):
+    vocab_size: int = 93
+    num_answers: int = 42
+    max_question_len: int = 14
+    match_weight: float = 0.5
+    match_hidden: tuple[int, ...] = (512, 256, 128)
+    qa_heads: int = 4
+    dropout: float = 0.1
 
 
 class QuestionEncoder(nn.Module):
@@ -94,4 +107,5 @@ class AVQAHead(nn.Module):
         f = torch.tanh(torch.cat([self.attn_a(q, a_seq) + a_seq.mean(1),
                                   self.attn_v(q, v_seq) + v_seq.mean(1)], dim=-1))
         answer = self.fc_ans(torch.tanh(self.fc_fusion(f) * q))
-        return {"answer_logits": answer, "match_logits": match}
+        # fusion_in = tanh([audio ; visual]) and the question vector: OGM-GE's concat split
+        return {"answer_logits": answer, "match_logits": match, "fusion_in": f, "question": q}

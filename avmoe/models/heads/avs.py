@@ -20,13 +20,37 @@ of TemporalAttention, the unused PVT-v2-b5 / VGGish / conv1..4 of the code.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from avmoe.config import AVSConfig
+from avmoe.config import ConfigError, TaskConfig, TemporalConfig
 from avmoe.models.heads.temporal import TemporalAttention
 from avmoe.models.registries import HEADS
+
+
+@dataclass
+class AVSConfig(TaskConfig):
+    setting: Literal["s4", "ms3"] = "s4"  # the task variant (AVSBench S4 / MS3)
+    channels: int = 256  # audio is projected to temporal.audio_dim (128)
+    map_sizes: tuple[int, ...] = (56, 28, 14, 7)  # mask = 4 x map_sizes[0] (224)
+    decoder_mid: int = 128
+    decoder_last: int = 32
+    temporal: TemporalConfig = field(default_factory=TemporalConfig)
+    gamma: float = 0.05  # S4 0.05 (hard-coded), MS3 0.1
+    avm_weight: float = 0.0  # MS3: 0.5
+    eval_videos_per_batch: int | None = 4  # AVSBench test batch (metrics quirk)
+
+    def check(self, prefix: str = "") -> None:
+        if len(self.map_sizes) != 4:
+            raise ConfigError(f"{prefix}map_sizes must have 4 entries (one per Swin stage)")
+
+    @property
+    def mask_size(self) -> int:
+        return 4 * self.map_sizes[0]
 
 
 class TPAVI(nn.Module):

@@ -14,13 +14,30 @@ to the head before building the backbones).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from timm.layers import trunc_normal_
 from torch import nn
 
-from avmoe.config import AVVPConfig
+from avmoe.config import TaskConfig
 from avmoe.models.heads.grouping import ModalityTrans
 from avmoe.models.registries import HEADS
+
+
+@dataclass
+class AVVPConfig(TaskConfig):
+    num_classes: int = 25
+    dim: int = 128
+    st_dim: int = 512  # R(2+1)D-18 clip features
+    depth_vis: int = 3
+    depth_aud: int = 3
+    depth_av: int = 6
+    num_heads: int = 8
+    drop_path: float = 0.1
+    audio_target_scale: float = 1.0  # Pa = a*y + (1-a)*0.5
+    visual_target_scale: float = 0.9  # Pv = 0.9 y + 0.05 (label smoothing on the visual target)
+    clamp_eps: float = 1e-7
 
 
 def _init(m: nn.Module) -> None:

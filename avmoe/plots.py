@@ -1,11 +1,14 @@
 """PNG plots of a run (matplotlib, Agg backend: no display needed).
 
-* ``curves.png`` -- training loss and the validation metric per epoch;
-* ``router_usage.png`` -- mean routing weight of every expert in every MoE adapter (heat map);
-* ``timeline.png`` -- AVE: per-segment prediction vs ground truth for the first test videos;
-  AVVP: audio / visual event maps (class x segment) predicted vs ground truth;
-* ``masks.png`` -- AVS: predicted mask over the ground truth (true positive green, false
-  positive red, missed blue) for the first test videos.
+Every run: ``curves.png`` (training loss and the validation metric per epoch) and
+``router_usage.png`` (mean routing weight of every expert in every MoE adapter, heat map).
+Pictures of the test predictions are the task's (``Task.plot_predictions``), drawn with the
+helpers below:
+
+* ``plot_segment_timelines`` -- per-segment class prediction vs ground truth (AVE);
+* ``plot_event_maps`` -- audio / visual event maps (class x segment), predicted vs truth (AVVP);
+* ``plot_masks`` -- predicted mask over the ground truth (true positive green, false positive
+  red, missed blue) (AVS).
 """
 
 from __future__ import annotations
@@ -70,7 +73,7 @@ def plot_router(usage: dict[str, list[float]], out: str) -> str | None:
     return _save(fig, out, "router_usage.png")
 
 
-def plot_ave(items, out: str, n: int = 6) -> str | None:
+def plot_segment_timelines(items, out: str, title: str, classes, background: int, n: int = 6) -> str | None:
     items = items[:n]
     if not items:
         return None
@@ -79,14 +82,16 @@ def plot_ave(items, out: str, n: int = 6) -> str | None:
     for ax, (key, p, t) in zip(axes[:, 0], items):
         pred = np.asarray(p["labels"]).reshape(-1)
         gt = np.asarray(t["segment_labels"]).reshape(-1)
-        ax.imshow(np.stack([gt, pred]), aspect="auto", cmap="tab20", vmin=0, vmax=28, interpolation="nearest")
+        ax.imshow(np.stack([gt, pred]), aspect="auto", cmap="tab20", vmin=0, vmax=background,
+                  interpolation="nearest")
         ax.set_yticks([0, 1], ["truth", "pred"], fontsize=7)
         ax.set_xticks(range(len(gt)))
-        ax.set_title(f"{key}  (28 = background)", fontsize=7)
+        ax.set_title(f"{key}  ({background} = background)", fontsize=7)
+    fig.suptitle(title, fontsize=8)
     return _save(fig, out, "timeline.png")
 
 
-def plot_avvp(items, out: str, n: int = 3) -> str | None:
+def plot_event_maps(items, out: str, title: str, n: int = 3) -> str | None:
     from avmoe.metrics import avvp_binarize
 
     items = items[:n]
@@ -101,15 +106,16 @@ def plot_avvp(items, out: str, n: int = 3) -> str | None:
             maps[mod] = avvp_binarize(np.asarray(p[k]), video, layout="NTC").transpose(0, 2, 1)[0]
         panels = [("audio pred", maps["audio"]), ("audio truth", np.asarray(t["gt_audio"])[0]),
                   ("visual pred", maps["visual"]), ("visual truth", np.asarray(t["gt_visual"])[0])]
-        for ax, (title, m) in zip(row, panels):
+        for ax, (panel, m) in zip(row, panels):
             ax.imshow(m, aspect="auto", cmap="Greys", vmin=0, vmax=1, interpolation="nearest")
-            ax.set_title(f"{key[:12]} {title}", fontsize=7)
+            ax.set_title(f"{key[:12]} {panel}", fontsize=7)
             ax.set_xlabel("segment", fontsize=6)
             ax.set_ylabel("class", fontsize=6)
+    fig.suptitle(title, fontsize=8)
     return _save(fig, out, "timeline.png")
 
 
-def plot_avs(items, out: str, n: int = 4) -> str | None:
+def plot_masks(items, out: str, title: str, n: int = 4) -> str | None:
     import torch
     import torch.nn.functional as F
 
@@ -136,13 +142,15 @@ def plot_avs(items, out: str, n: int = 4) -> str | None:
             img[~pred[j] & g[j]] = (0.1, 0.3, 0.9)
             ax.imshow(img)
             ax.set_title(f"{key[:10]} t{j}", fontsize=6)
-    fig.suptitle("prediction over truth: green TP, red FP, blue missed", fontsize=8)
+    fig.suptitle(f"{title}: prediction over truth (green TP, red FP, blue missed)", fontsize=8)
     return _save(fig, out, "masks.png")
 
 
-def plot_all(results: dict[str, Any], items, task, cfg, out: str) -> list[str]:
+def plot_run(results: dict[str, Any], items, task, out: str) -> list[str]:
+    """Every picture of a finished run into ``out``: the curves, the router heat map and the
+    task's pictures of its test predictions."""
     os.makedirs(out, exist_ok=True)
     paths = [plot_curves(results, out), plot_router(results.get("router_usage") or {}, out)]
     if items:
-        paths.append({"ave": plot_ave, "avvp": plot_avvp, "avs": plot_avs}.get(task.name, lambda *a: None)(items, out))
+        paths += task.plot_predictions(items, out, title=f"{results['run_name']} [test]")
     return [p for p in paths if p]
