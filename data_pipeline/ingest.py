@@ -65,11 +65,6 @@ from data_pipeline.plan import SplitIndex, epoch_order, num_full_batches, rank_p
 from data_pipeline.sample import (ERR_MEMBER, ERR_SHARD, ERROR, KEY, OK, SampleSpec,
                                   empty_columns, to_avbatch)
 
-# compat: removed after the avmoe redesign merges. avmoe.train.trainer imports ``worker_env``
-# and ``load_manifest`` (imported above for ShardStream) from here; they live in
-# data_pipeline.storage and data_pipeline.manifest.
-from data_pipeline.storage import worker_env  # noqa: E402,F401  (compat)
-
 __all__ = ["IngestConfig", "IngestError", "ShardStream"]
 
 log = logging.getLogger("data_pipeline.ingest")

@@ -15,8 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from avmoe.config import (OptimConfig, apply_overrides, paper_audio, paper_visual, tiny_adapter, tiny_audio,
-                          tiny_temporal, tiny_visual)
+from avmoe.config import OptimConfig, tiny_adapter, tiny_audio, tiny_temporal, tiny_visual
 from avmoe.models.heads.ave import AVEConfig, AVEHead, topk_time_mean
 from avmoe.tasks.base import MetricAccumulator, Task, register_task
 from data_pipeline.datasets.ave import BACKGROUND, CATEGORIES
@@ -59,21 +58,16 @@ class AVETask(Task):
     # batch 2 x accumulation 8, and no StepLR decay (its step size is in epochs of 4143 videos)
     demo_schedule = dict(epochs=6, batch_size=4, grad_accum=1, lr=1e-3, scheduler="none")
 
-    def make_preset(self, preset: str) -> AVEConfig:
-        cfg = AVEConfig(visual=paper_visual(), audio=paper_audio())
+    config_class = AVEConfig
+    presets = {
         # released train.sh: 1 CMA + 1 UA, stages 0 and 2, K 32, r 8, G 2, BN, gated audio
-        apply_overrides(cfg, {"adapter": dict(num_cma=1, num_ua=1, num_skip=2, num_tokens=32, reduction=8,
-                                              groups=2, use_bn=True, audio_gate=True, ua_variant="v2")})
-        if preset == "official":
-            apply_overrides(cfg, {"adapter.ua_variant": "none", "backbone_train_mode": True,
-                                  "audio.spec_augment": True})
-        elif preset == "tiny":
-            cfg.visual, cfg.audio, cfg.temporal = tiny_visual(), tiny_audio(), tiny_temporal()
-            apply_overrides(cfg, {"adapter": tiny_adapter(num_skip=2), "visual_dim": 32})
-        return cfg
-
-    def training_defaults(self, preset: str) -> OptimConfig:
-        return OptimConfig(optimizer="adam", lr=5e-4, weight_decay=0.0, scheduler="step", step_size=3, gamma=0.35,
+        "base": {"adapter": dict(num_cma=1, num_ua=1, num_skip=2, num_tokens=32, reduction=8, groups=2,
+                                 use_bn=True, audio_gate=True, ua_variant="v2")},
+        "official": {"adapter.ua_variant": "none", "backbone_train_mode": True, "audio.spec_augment": True},
+        "tiny": {"visual": tiny_visual(), "audio": tiny_audio(), "temporal": tiny_temporal(),
+                 "adapter": tiny_adapter(num_skip=2), "visual_dim": 32},
+    }
+    training = OptimConfig(optimizer="adam", lr=5e-4, weight_decay=0.0, scheduler="step", step_size=3, gamma=0.35,
                            epochs=50, batch_size=2, grad_accum=8, early_stop=20, seed=999)
 
     def model_keys(self, manifest):

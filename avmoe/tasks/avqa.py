@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from avmoe.config import OptimConfig, apply_overrides, paper_audio, paper_visual, tiny_adapter, tiny_audio, tiny_visual
+from avmoe.config import OptimConfig, tiny_adapter, tiny_audio, tiny_visual
 from avmoe.models.heads.avqa import AVQAConfig, AVQAHead
 from avmoe.tasks.base import MetricAccumulator, Task, register_task
 from data_pipeline.datasets.avqa import QUESTION_TYPES
@@ -63,24 +63,19 @@ class AVQATask(Task):
     supports_ogm = True
     demo_schedule = dict(epochs=2, batch_size=4, grad_accum=1, lr=1e-3, scheduler="none")
 
-    def make_preset(self, preset: str) -> AVQAConfig:
-        cfg = AVQAConfig(visual=paper_visual(), audio=paper_audio())
+    config_class = AVQAConfig
+    presets = {
         # released train_v2.sh / test_v2.sh: 1 CMA + 2 UA, all 12 blocks, K 2, r 8, G 4, no BN,
         # audio adapters ungated (is_gate=0)
-        apply_overrides(cfg, {"adapter": dict(num_cma=1, num_ua=2, num_skip=1, num_tokens=2, reduction=8,
-                                              groups=4, use_bn=False, audio_gate=False, ua_variant="v2")})
-        if preset == "official":
-            apply_overrides(cfg, {"adapter.ua_variant": "none", "backbone_train_mode": True,
-                                  "audio.spec_augment": True, "audio.mixup": True})
-        elif preset == "tiny":
-            cfg.visual, cfg.audio = tiny_visual(), tiny_audio()
-            apply_overrides(cfg, {"adapter": tiny_adapter(num_skip=1, num_tokens=2, groups=4),
-                                  "vocab_size": 20, "num_answers": 6, "max_question_len": 6,
-                                  "match_hidden": (32, 16, 8)})
-        return cfg
-
-    def training_defaults(self, preset: str) -> OptimConfig:
-        return OptimConfig(optimizer="adam", lr=1e-4, weight_decay=0.0, scheduler="step", step_size=8, gamma=0.1,
+        "base": {"adapter": dict(num_cma=1, num_ua=2, num_skip=1, num_tokens=2, reduction=8, groups=4,
+                                 use_bn=False, audio_gate=False, ua_variant="v2")},
+        "official": {"adapter.ua_variant": "none", "backbone_train_mode": True, "audio.spec_augment": True,
+                     "audio.mixup": True},
+        "tiny": {"visual": tiny_visual(), "audio": tiny_audio(),
+                 "adapter": tiny_adapter(num_skip=1, num_tokens=2, groups=4), "vocab_size": 20, "num_answers": 6,
+                 "max_question_len": 6, "match_hidden": (32, 16, 8)},
+    }
+    training = OptimConfig(optimizer="adam", lr=1e-4, weight_decay=0.0, scheduler="step", step_size=8, gamma=0.1,
                            epochs=80, batch_size=2, grad_accum=4, early_stop=5, seed=1)
 
     def model_keys(self, manifest):

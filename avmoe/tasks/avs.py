@@ -19,13 +19,13 @@ False and the training config refuses ``--modulation`` for it.
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from avmoe.config import (OptimConfig, apply_overrides, paper_audio, paper_visual, tiny_adapter, tiny_audio,
-                          tiny_temporal, tiny_visual)
+from avmoe.config import OptimConfig, paper_visual, tiny_adapter, tiny_audio, tiny_temporal, tiny_visual
 from avmoe.models.heads.avs import AVSConfig, AVSHead
 from avmoe.tasks.base import MetricAccumulator, Task, register_task
 
@@ -101,48 +101,39 @@ class AVSTask(Task):
     variant_option = "setting"
     demo_schedule = dict(epochs=2, batch_size=4, grad_accum=1, lr=1e-3)
 
-    def make_preset(self, preset: str) -> AVSConfig:
-        setting = self.variant
-        cfg = AVSConfig(setting=setting, visual=paper_visual(antialias=False), audio=paper_audio(),
-                        num_segments=5)
-        # released scripts: S4 test_v2.sh (2/2, stages 0 and 2, r 8); MS3 (2/2, stages 0 and 2, r 2,
-        # lb 0.01); no BN; audio adapters ungated (is_gate=0); router noise 0.01 in training
-        adapter = dict(num_cma=2, num_ua=2, num_skip=2, num_tokens=32, reduction=8, groups=2, use_bn=False,
-                       audio_gate=False, ua_variant="v2", router_noise=0.01, lb_weight=0.0)
-        if setting == "ms3":
-            adapter.update(reduction=2, lb_weight=0.01)
-            apply_overrides(cfg, {"gamma": 0.1, "avm_weight": 0.5})
-        apply_overrides(cfg, {"adapter": adapter})
-        if preset == "official":
-            over: dict[str, Any] = {"backbone_train_mode": True, "audio.spec_augment": True, "audio.mixup": True}
-            if setting == "s4":  # train_v2.sh: 1/1 experts, all 12 blocks, MHA ("v1") UA
-                over.update({"adapter.num_cma": 1, "adapter.num_ua": 1, "adapter.num_skip": 1,
-                             "adapter.ua_variant": "v1"})
-            apply_overrides(cfg, over)
-        elif preset == "tiny":
-            cfg.visual, cfg.audio, cfg.temporal = tiny_visual(antialias=False), tiny_audio(), tiny_temporal()
-            apply_overrides(cfg, {"adapter": tiny_adapter(num_skip=2, reduction=4 if setting == "s4" else 2),
-                                  "channels": 16, "map_sizes": (8, 4, 2, 1), "decoder_mid": 8,
-                                  "decoder_last": 4})
-        return cfg
+    config_class = AVSConfig
+    presets = {
+        # released scripts: S4 test_v2.sh (2/2, stages 0 and 2, r 8); MS3 (2/2, stages 0 and 2,
+        # r 2, lb 0.01); no BN; audio adapters ungated (is_gate=0); router noise 0.01 in training
+        "base": {"visual": paper_visual(antialias=False), "num_segments": 5,
+                 "adapter": dict(num_cma=2, num_ua=2, num_skip=2, num_tokens=32, reduction=8, groups=2,
+                                 use_bn=False, audio_gate=False, ua_variant="v2", router_noise=0.01, lb_weight=0.0)},
+        "official": {"backbone_train_mode": True, "audio.spec_augment": True, "audio.mixup": True},
+        "tiny": {"visual": tiny_visual(antialias=False), "audio": tiny_audio(), "temporal": tiny_temporal(),
+                 "adapter": tiny_adapter(num_skip=2, reduction=4), "channels": 16, "map_sizes": (8, 4, 2, 1),
+                 "decoder_mid": 8, "decoder_last": 4},
+    }
+    # per variant, applied after "base" and after the preset's layer
+    variant_presets = {
+        "s4": {"official": {"adapter.num_cma": 1, "adapter.num_ua": 1, "adapter.num_skip": 1,
+                            "adapter.ua_variant": "v1"}},  # train_v2.sh: 1/1 experts, all 12 blocks, MHA UA
+        "ms3": {"base": {"gamma": 0.1, "avm_weight": 0.5, "adapter.reduction": 2, "adapter.lb_weight": 0.01},
+                "tiny": {"adapter.reduction": 2}},
+    }
+    training_by_variant = {
+        "s4": OptimConfig(optimizer="adam", lr=3e-4, weight_decay=0.0, scheduler="none", epochs=50, batch_size=2,
+                          grad_accum=4, seed=123),
+        "ms3": OptimConfig(optimizer="adam", lr=1.5e-4, weight_decay=0.0, scheduler="none", epochs=60,
+                           batch_size=2, grad_accum=1, seed=123),
+    }
 
-    def training_defaults(self, preset: str) -> OptimConfig:
-        if self.variant == "ms3":
-            return OptimConfig(optimizer="adam", lr=1.5e-4, weight_decay=0.0, scheduler="none", epochs=60,
-                               batch_size=2, grad_accum=1, seed=123)
-        return OptimConfig(optimizer="adam", lr=3e-4, weight_decay=0.0, scheduler="none", epochs=50, batch_size=2,
-                           grad_accum=4, seed=123)
+    def preset_layers(self, preset):
+        own = self.variant_presets[self.variant]
+        return [self.presets["base"], {"setting": self.variant}, own.get("base", {}), self.presets.get(preset, {}),
+                own.get(preset, {})]
 
-    def example_targets(self, cfg, batch_size, generator):
-        b, t, s = batch_size, cfg.num_segments, cfg.mask_size
-        yy, xx = torch.meshgrid(torch.arange(s), torch.arange(s), indexing="ij")
-        masks = torch.zeros(b, t, s, s, dtype=torch.uint8)
-        for i in range(b):  # a different box per video
-            masks[i, :, (yy >= 4 + 4 * i) & (yy < 20) & (xx >= 6) & (xx < 22 + 2 * i)] = 1
-        valid = torch.ones(b, t, dtype=torch.bool)
-        if cfg.setting == "s4":
-            valid[:, 1:] = False  # S4 train: first frame only
-        return {"masks": masks, "mask_valid": valid}
+    def training_defaults(self, preset):
+        return copy.deepcopy(self.training_by_variant[self.variant])
 
     def loss(self, out, batch, cfg):
         logits = out["mask_logits"]

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from avmoe.config import OptimConfig, apply_overrides, paper_audio, paper_visual, tiny_adapter, tiny_audio, tiny_visual
+from avmoe.config import OptimConfig, tiny_adapter, tiny_audio, tiny_visual
 from avmoe.models.heads.avvp import AVVPConfig, AVVPHead
 from avmoe.tasks.base import MetricAccumulator, Task, register_task
 
@@ -50,23 +50,17 @@ class AVVPTask(Task):
     supports_ogm = True
     demo_schedule = dict(epochs=2, batch_size=4, grad_accum=1, lr=1e-3, scheduler="none")
 
-    def make_preset(self, preset: str) -> AVVPConfig:
-        cfg = AVVPConfig(visual=paper_visual(), audio=paper_audio())
+    config_class = AVVPConfig
+    presets = {
         # released train.sh: 1/1 experts, all 12 paired blocks, K 32, r 8, G 2, no BN, gates on
-        apply_overrides(cfg, {"adapter": dict(num_cma=1, num_ua=1, num_skip=1, num_tokens=32, reduction=8,
-                                              groups=2, use_bn=False, audio_gate=True, ua_variant="v2",
-                                              lb_weight=1.0)})
-        if preset == "official":
-            apply_overrides(cfg, {"adapter.ua_variant": "paramfree", "backbone_train_mode": True,
-                                  "audio.spec_augment": True, "audio.mixup": True})
-        elif preset == "tiny":
-            cfg.visual, cfg.audio = tiny_visual(), tiny_audio()
-            apply_overrides(cfg, {"adapter": tiny_adapter(num_skip=1), "dim": 16, "st_dim": 8, "depth_vis": 1,
-                                  "depth_aud": 1, "depth_av": 1, "num_heads": 2})
-        return cfg
-
-    def training_defaults(self, preset: str) -> OptimConfig:
-        return OptimConfig(optimizer="adam", lr=3e-4, weight_decay=0.0, scheduler="step", step_size=10, gamma=0.1,
+        "base": {"adapter": dict(num_cma=1, num_ua=1, num_skip=1, num_tokens=32, reduction=8, groups=2,
+                                 use_bn=False, audio_gate=True, ua_variant="v2", lb_weight=1.0)},
+        "official": {"adapter.ua_variant": "paramfree", "backbone_train_mode": True, "audio.spec_augment": True,
+                     "audio.mixup": True},
+        "tiny": {"visual": tiny_visual(), "audio": tiny_audio(), "adapter": tiny_adapter(num_skip=1), "dim": 16,
+                 "st_dim": 8, "depth_vis": 1, "depth_aud": 1, "depth_av": 1, "num_heads": 2},
+    }
+    training = OptimConfig(optimizer="adam", lr=3e-4, weight_decay=0.0, scheduler="step", step_size=10, gamma=0.1,
                            epochs=40, batch_size=1, grad_accum=8, seed=23)
 
     def model_keys(self, manifest):

@@ -120,8 +120,21 @@ class Task:
 
     # ----------------------------------------------------------------- config / model
 
+    # The presets are data: override layers (``apply_overrides`` mappings) applied in order to
+    # ``config_class()``: "base" (every preset: the released scripts), then the preset's own.
+    config_class: type = TaskConfig
+    presets: dict[str, dict[str, Any]] = {}
+    training: OptimConfig = OptimConfig()  # the released scripts' schedule (spec §3)
+
+    def preset_layers(self, preset: str) -> list[dict[str, Any]]:
+        """The override layers of ``preset`` (a task with variants adds its variant's)."""
+        return [self.presets.get("base", {}), self.presets.get(preset, {})]
+
     def make_preset(self, preset: str) -> TaskConfig:
-        raise NotImplementedError
+        cfg = self.config_class()
+        for layer in self.preset_layers(preset):
+            apply_overrides(cfg, copy.deepcopy(layer))  # (layers hold config objects: never share them)
+        return cfg
 
     def config(self, preset: str = "paper", **overrides: Any) -> TaskConfig:
         if preset not in PRESETS:
@@ -137,7 +150,7 @@ class Task:
     def training_defaults(self, preset: str) -> OptimConfig:
         """The released scripts' optimisation (spec §3); every field set but ``early_stop``
         (and ``step_size``/``gamma`` without a step schedule)."""
-        raise NotImplementedError
+        return copy.deepcopy(self.training)
 
     def build_model(self, cfg: TaskConfig) -> torch.nn.Module:
         from avmoe.models.model import AVModel

@@ -114,6 +114,19 @@ def worker_env(tcfg: TrainConfig) -> dict[str, str]:
     return env
 
 
+def _plugins(tcfg: TrainConfig) -> dict[str, Any]:
+    """The task class and dataset object the workers need (pickled by reference to their
+    modules), so that ones registered on the driver at run time are known there too."""
+    from data_pipeline.datasets import get_dataset
+
+    task = tcfg.get_task()
+    try:
+        dataset = get_dataset(task.dataset)
+    except KeyError:  # eval-only of a run whose dataset is not registered: the manifest says
+        dataset = None
+    return {"task": (tcfg.task, type(task)), "dataset": dataset}
+
+
 def storage_path(storage: str) -> str:
     return storage if "://" in storage else os.path.abspath(storage)
 
@@ -138,7 +151,7 @@ def fit(tcfg: TrainConfig, *, prepared: bool = False, trainer_cls=None) -> dict[
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"train": tcfg.to_dict(), "run_name": name, "eval_only": tcfg.evaluation.eval_only,
-                           "trainer_cls": trainer_cls, "task_cls": type(tcfg.get_task())},
+                           "trainer_cls": trainer_cls, "plugins": _plugins(tcfg)},
         scaling_config=ScalingConfig(num_workers=sc.workers, use_gpu=use_gpu, resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RunConfig(

@@ -111,13 +111,18 @@ def _cfg_dict(cfg) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
 
 
-def _register_task(cls) -> None:
-    """The driver sends the task's class (by reference): a task registered on the driver at run
-    time (a plug-in, a test's) is then known in this worker's registry too."""
-    from avmoe.tasks import TASKS
+def _register_plugins(plugins: dict[str, Any]) -> None:
+    """The driver sends its task class and dataset object (by reference to their modules): a
+    task or dataset registered on the driver at run time (a plug-in, a test's) is then known in
+    this worker's registries too."""
+    from avmoe.tasks import TASKS, register_task
+    from data_pipeline.datasets import DATASETS
 
-    if cls is not None and cls.name not in TASKS:
-        TASKS.add(cls.name, cls)
+    if plugins.get("task") and plugins["task"][0] not in TASKS:
+        register_task(plugins["task"][0])(plugins["task"][1])
+    ds = plugins.get("dataset")
+    if ds is not None and ds.name not in DATASETS:
+        DATASETS.add(ds.name, ds)
 
 
 # --------------------------------------------------------------------------- the trainer
@@ -126,7 +131,7 @@ def _register_task(cls) -> None:
 class Trainer:
     def __init__(self, config: dict[str, Any], session: Session) -> None:
         self.worker_start = time.time()  # wall clock: the benchmark's time to first step
-        _register_task(config.get("task_cls"))
+        _register_plugins(config.get("plugins") or {})
         self.tcfg = TrainConfig.from_dict(config["train"])
         self.run_name: str = config["run_name"]
         self.eval_source: str | None = config.get("eval_only")
