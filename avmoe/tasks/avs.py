@@ -135,6 +135,17 @@ class AVSTask(Task):
     def training_defaults(self, preset):
         return copy.deepcopy(self.training_by_variant[self.variant])
 
+    def example_targets(self, cfg, batch_size, generator):
+        b, t, s = batch_size, cfg.num_segments, cfg.mask_size
+        yy, xx = torch.meshgrid(torch.arange(s), torch.arange(s), indexing="ij")
+        masks = torch.zeros(b, t, s, s, dtype=torch.uint8)
+        for i in range(b):  # a different box per video
+            masks[i, :, (yy >= 4 + 4 * i) & (yy < 20) & (xx >= 6) & (xx < 22 + 2 * i)] = 1
+        valid = torch.ones(b, t, dtype=torch.bool)
+        if cfg.setting == "s4":
+            valid[:, 1:] = False  # S4 train: first frame only
+        return {"masks": masks, "mask_valid": valid}
+
     def loss(self, out, batch, cfg):
         logits = out["mask_logits"]
         gt = batch.targets["masks"].to(logits.device, torch.float32)
