@@ -142,6 +142,9 @@ def parse_text(key: str, text: str, tp) -> Any:
     """Command-line text -> a value of the annotation ``tp`` (see the module docstring)."""
     low = text.strip().lower()
     arms = _union_args(tp) or (tp,)
+    for arm in arms:  # a choice spelled like a keyword ("none") is that choice, not None
+        if typing.get_origin(arm) is Literal and text.strip() in typing.get_args(arm):
+            return text.strip()
     if low in ("none", "null") and type(None) in arms:
         return None
     candidates: list[Any] = []

@@ -82,6 +82,15 @@ def test_every_shipped_preset_instantiates(name, preset):
     TrainConfig.of(task=task.name, variant=task.variant, data="x").apply(task.demo_schedule).validate()
 
 
+@pytest.mark.parametrize("name", list_tasks())
+def test_embedded_default_takes_the_tasks_demo_schedule(name):
+    cfg, synthetic, _ = cli.config_from_args(name, [])
+    assert synthetic
+    opt = cfg.apply({"data": "x"}).resolved_optim()
+    for key, value in get_task(name).demo_schedule.items():
+        assert getattr(opt, key) == value, key
+
+
 def test_job_scripts_match_the_registry():
     """One executable-as-typed script per registered task, each running that task; a task
     with variants takes them with its own option."""

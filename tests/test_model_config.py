@@ -43,6 +43,10 @@ def test_override_forms():
                       **{"visual.weights": "none", "adapter.lb_weight": "0.5"})
     assert (cfg.adapter.num_tokens, cfg.adapter.attn_scale, cfg.adapter.adapted_stages) == (5, True, (0, 2))
     assert cfg.visual.weights is None and cfg.adapter.lb_weight == 0.5
+    # a choice spelled like a keyword is the choice: "none" is the Literal, not None
+    assert task.config(preset="tiny", ua_variant="none").adapter.ua_variant == "none"
+    assert apply_overrides(OptimConfig(), {"scheduler": "none"}).scheduler == "none"
+    assert apply_overrides(OptimConfig(), {"scheduler": "null"}).scheduler is None
 
 
 def test_unknown_ambiguous_and_mistyped_keys_name_themselves():
