@@ -127,7 +127,7 @@ def safe_load(path: str, map_location=None):
 
 
 def make_loads_safe(engine) -> None:
-    """DeepSpeed 0.19.8's TorchCheckpointEngine loads with ``weights_only=False``; route every
+    """DeepSpeed 0.19.8's TorchCheckpointEngine loads with unpickling allowed; route every
     checkpoint read of this engine through :func:`safe_load` instead."""
     ce = getattr(engine, "checkpoint_engine", None)
     if ce is None:
