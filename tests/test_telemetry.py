@@ -202,10 +202,10 @@ def test_disabled_never_raises_and_strict_mode(monkeypatch):
 
 
 def test_default_bind_and_port_slots(monkeypatch, tmp_path):
-    # loopback node -> loopback bind; a cluster node -> all interfaces (scraped from the head)
+    # loopback node -> loopback bind; a cluster node -> its own address (scraped from the head)
     monkeypatch.delenv("AVMOE_METRICS_ADDR", raising=False)
     assert WorkerMetrics(job="j", task="ave", rank=0, node="127.0.0.1").bind_address == "127.0.0.1"
-    assert WorkerMetrics(job="j", task="ave", rank=0, node="10.0.3.7").bind_address == "0.0.0.0"
+    assert WorkerMetrics(job="j", task="ave", rank=0, node="10.0.3.7").bind_address == "10.0.3.7"
     monkeypatch.setenv("AVMOE_METRICS_ADDR", "127.0.0.1")
     base = free_port()
     monkeypatch.setenv("AVMOE_METRICS_PORT", str(base))

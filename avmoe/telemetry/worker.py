@@ -17,9 +17,10 @@ The price is service discovery, solved twice (cluster/monitoring/prometheus.yml,
 
 Configuration (arguments win over environment, environment over defaults):
 - ``AVMOE_METRICS``: ``0`` disables (``start()`` returns None, every method is a no-op).
-- ``AVMOE_METRICS_ADDR``: bind address. Default: ``127.0.0.1`` when the node address is loopback
-  (local runs, tests, the demo: nothing is exposed off the machine), else ``0.0.0.0`` (a cluster
-  node, scraped by the Prometheus on the head / in the Kubernetes cluster).
+- ``AVMOE_METRICS_ADDR``: bind address. Default: the node's address (Ray's node IP): ``127.0.0.1``
+  in local runs, tests and the demo (nothing is exposed off the machine), the node's own IP on a
+  cluster (scraped there by the Prometheus on the head / in the Kubernetes cluster); never every
+  interface unless asked for (``0.0.0.0``).
 - ``AVMOE_METRICS_PORT`` (default 9460) and ``AVMOE_METRICS_PORT_SLOTS`` (default 8, one per GPU
   of an 8-GPU node): the first free port of the range is used. Port 0 = any free port.
 - ``AVMOE_METRICS_SD_DIR`` (default ``/tmp/avmoe/prometheus_sd``; empty = don't write).
@@ -163,7 +164,7 @@ class WorkerMetrics:
         self.node = str(node) if node else "127.0.0.1"
         env_addr = os.environ.get("AVMOE_METRICS_ADDR")
         self.bind_address = bind_address or env_addr or (
-            "127.0.0.1" if _is_loopback(self.node) else "0.0.0.0")
+            "127.0.0.1" if _is_loopback(self.node) else self.node)
         if port is None:
             port = int(os.environ.get("AVMOE_METRICS_PORT", DEFAULT_PORT))
             self._port_slots = int(os.environ.get("AVMOE_METRICS_PORT_SLOTS", DEFAULT_PORT_SLOTS))

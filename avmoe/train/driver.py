@@ -136,8 +136,9 @@ def fit(tcfg: TrainConfig, *, prepared: bool = False, trainer_cls=None) -> dict[
     (results.json's content). ``trainer_cls``: a ``Trainer`` subclass for the workers."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
 
+    from avmoe.train.process_group import BoundStoreTorchConfig
     from avmoe.train.trainer import train_worker
 
     if not prepared:
@@ -153,7 +154,8 @@ def fit(tcfg: TrainConfig, *, prepared: bool = False, trainer_cls=None) -> dict[
         train_loop_config={"train": tcfg.to_dict(), "run_name": name, "eval_only": tcfg.evaluation.eval_only,
                            "trainer_cls": trainer_cls, "plugins": _plugins(tcfg)},
         scaling_config=ScalingConfig(num_workers=sc.workers, use_gpu=use_gpu, resources_per_worker=resources),
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        # the c10d rendezvous store on the node's address, not every interface
+        torch_config=BoundStoreTorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RunConfig(
             name=name, storage_path=storage_path(tcfg.paths.storage),
             failure_config=FailureConfig(max_failures=sc.max_failures),

@@ -140,16 +140,8 @@ class LocalSession(Session):
 
 
 def init_local_process_group() -> None:
-    """A world-size-1 gloo group on 127.0.0.1 (what Ray Train sets up for a real worker)."""
-    import socket
+    """A world-size-1 gloo group on 127.0.0.1 (what Ray Train sets up for a real worker), its
+    rendezvous store bound to loopback (``avmoe.train.process_group``)."""
+    from avmoe.train.process_group import init_local_group
 
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0",
-                       "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    init_local_group("gloo")
