@@ -4,24 +4,19 @@ from __future__ import annotations
 
 import argparse
 import logging
-import re
 import sys
 
+from data_pipeline import units
 from data_pipeline.errors import DataPipelineError
 from data_pipeline.schema import DEFAULT_FRAME_SIZE, DEFAULT_JPEG_QUALITY, DEFAULT_MASK_SIZE
 
-SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.I)
-UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9,
-         "t": 1e12, "tb": 1e12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-
 
 def parse_size(text: str) -> int:
-    """'256MB', '1GiB', '500k', '1048576' -> bytes."""
-    m = SIZE_RE.match(text)
-    unit = (m.group(2) or "").lower() if m else None
-    if not m or unit not in UNITS:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 256MB, 1GiB, 1048576)")
-    return int(float(m.group(1)) * UNITS[unit])
+    """``--shard-size``: the API's reading (``data_pipeline.units``), as an argparse type."""
+    try:
+        return units.parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,14 +50,20 @@ def build_parser() -> argparse.ArgumentParser:
                        "path or fsspec URL (file://, s3://, gs://; S3 endpoint and credentials "
                        "from AWS_ENDPOINT_URL / AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY). "
                        "Re-running an interrupted pack resumes it; shards are byte-identical to "
-                       "an uninterrupted run. See data_pipeline/SCHEMA.md.")
+                       "an uninterrupted run. A split is published in one switch (its manifest, "
+                       "written last, names generation-named shards): readers see the old pack "
+                       "or the new one, never a mix. Two packs of one split to one --out: the "
+                       "second stops with an error. gs:// needs the gcsfs package (not pinned). "
+                       "See data_pipeline/SCHEMA.md.")
     k.add_argument("--dataset", required=True, choices=datasets)
     k.add_argument("--src", required=True, help="dataset root in the official raw layout")
     k.add_argument("--split", required=True, help="train, val or test")
     k.add_argument("--out", required=True, help="output directory or URL")
     k.add_argument("--workers", type=int, default=1, help="encoder processes (default 1)")
     k.add_argument("--shard-size", type=parse_size, default="256MB",
-                   help="target shard size (default 256MB)")
+                   help="target shard size: 256MB = 256,000,000 bytes, 256MiB = 256 x 2^20, or "
+                        "a byte count; the same reading as PackOptions(shard_bytes=...) "
+                        "(default 256MB)")
     k.add_argument("--shard-samples", type=int, default=0,
                    help="also cap samples per shard (default: no cap)")
     k.add_argument("--frame-size", type=int, default=DEFAULT_FRAME_SIZE,
@@ -87,13 +88,17 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--overwrite", action="store_true",
                    help="replace an existing pack of this split made from other input/options")
 
-    v = sub.add_parser("verify", help="re-read shards: sha256, counts, decodability",
-                       description="Re-read every shard of every split (or --split) at URL and "
-                       "check sha256, sizes, sample counts and keys against the manifest, the "
-                       "member schema, and that every member decodes. Exits 1 on any mismatch.")
+    v = sub.add_parser("verify", help="re-read shards with the ingest's own checks and decoder",
+                       description="Re-read every shard of every split (or --split) at URL as the "
+                       "streaming ingest would: the manifest's fields, each sample's sha256 and "
+                       "byte span, its members decoded by the ingest's decoder (frame size, int16 "
+                       "audio, masks, features, labels against the vocabularies), then each "
+                       "shard's size and sha256. Exits 1 with an error naming shard, key and "
+                       "member.")
     v.add_argument("url")
     v.add_argument("--split", action="append", help="only this split (repeatable)")
-    v.add_argument("--no-decode", action="store_true", help="skip decoding members")
+    v.add_argument("--no-decode", action="store_true",
+                   help="check hashes, spans and member names only; decode no media")
 
     i = sub.add_parser("inspect", help="manifest summary; render one sample as a PNG",
                        description="Print the manifest summary of every split at URL; with "
@@ -113,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run(args)
     except DataPipelineError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # the environment (permissions, a vanished mount): named, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 1
 

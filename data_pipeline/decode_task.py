@@ -25,6 +25,13 @@ from data_pipeline.schema import AUDIO_FLAC_MEMBER, AUDIO_NPY_MEMBER, LABELS_MEM
 from data_pipeline.tario import parse_members
 
 
+def check_span(data, sha: str) -> None:
+    """A sample's span (its raw bytes) against its manifest sha256."""
+    got = hashlib.sha256(data).hexdigest()
+    if got != sha:
+        raise MemberError(None, f"sha256 mismatch (manifest {sha[:12]}..., read {got[:12]}...)")
+
+
 class SampleDecoder:
     """Decodes verified sample spans into preallocated fixed-shape columns."""
 
@@ -35,29 +42,13 @@ class SampleDecoder:
     def decode_into(self, buf: memoryview, key: str, cols: dict, i: int) -> None:
         s = self.spec
         members = parse_members(buf, key)  # a TarReadError is a MemberError
-        try:
-            labels = json.loads(bytes(members[LABELS_MEMBER]))
-        except KeyError:
-            raise MemberError(LABELS_MEMBER, "missing member") from None
-        except (ValueError, UnicodeDecodeError) as e:
-            raise MemberError(LABELS_MEMBER, f"not valid JSON ({e})") from None
-        try:
-            want = self.dataset.members(labels, s.audio_format)
-        except (KeyError, ValueError, TypeError) as e:
-            raise MemberError(LABELS_MEMBER, f"labels do not say which members to expect "
-                              f"({e!r})") from None
-        missing = sorted(set(want) - set(members))
-        if missing:
-            raise MemberError(missing[0], f"missing member(s) {missing}")
-        extra = sorted(set(members) - set(want))
-        if extra:
-            raise MemberError(extra[0], f"unexpected member(s) {extra}")
+        labels = self.check_members(members)
         size = s.frame_size
         for t in range(s.segments):
             name = frame_member(t)
             self._jpeg(members[name], name, cols[FRAMES][i, t], size)
         if s.audio_format == "flac":
-            wave = self._flac(members[AUDIO_FLAC_MEMBER])
+            wave = self._flac(members[AUDIO_FLAC_MEMBER], s.audio_len)
             aname = AUDIO_FLAC_MEMBER
         else:
             aname = AUDIO_NPY_MEMBER
@@ -73,8 +64,33 @@ class SampleDecoder:
             self.fill_targets(labels, targets, i)
         except LabelError as e:
             raise MemberError(LABELS_MEMBER, str(e)) from None
-        except (TypeError, ValueError) as e:
-            raise MemberError(LABELS_MEMBER, f"labels do not fit the schema ({e})") from None
+        except (TypeError, ValueError, KeyError, IndexError) as e:
+            raise MemberError(LABELS_MEMBER, f"labels do not fit the schema ({e!r})") from None
+
+    def check_members(self, members: dict) -> dict:
+        """The labels of a parsed sample, after checking its member names against the schema."""
+        s = self.spec
+        try:
+            labels = json.loads(bytes(members[LABELS_MEMBER]))
+        except KeyError:
+            raise MemberError(LABELS_MEMBER, "missing member") from None
+        except (ValueError, UnicodeDecodeError) as e:
+            raise MemberError(LABELS_MEMBER, f"not valid JSON ({e})") from None
+        if not isinstance(labels, dict):
+            raise MemberError(LABELS_MEMBER, f"labels must be a JSON object, got "
+                              f"{type(labels).__name__}")
+        try:
+            want = self.dataset.members(labels, s.audio_format)
+        except (KeyError, ValueError, TypeError) as e:
+            raise MemberError(LABELS_MEMBER, f"labels do not say which members to expect "
+                              f"({e!r})") from None
+        missing = sorted(set(want) - set(members))
+        if missing:
+            raise MemberError(missing[0], f"missing member(s) {missing}")
+        extra = sorted(set(members) - set(want))
+        if extra:
+            raise MemberError(extra[0], f"unexpected member(s) {extra}")
+        return labels
 
     def _jpeg(self, data: memoryview, name: str, out: np.ndarray, size: int) -> None:
         try:
@@ -89,9 +105,9 @@ class SampleDecoder:
             raise MemberError(name, f"does not decode as JPEG ({type(e).__name__}: {e})") from None
 
     @staticmethod
-    def _flac(data: memoryview) -> np.ndarray:
+    def _flac(data: memoryview, samples: int) -> np.ndarray:
         try:
-            return decode_flac(data)
+            return decode_flac(bytes(data), max_samples=samples)
         except Exception as e:
             raise MemberError(AUDIO_FLAC_MEMBER, f"does not decode as FLAC "
                               f"({type(e).__name__}: {e})") from None
@@ -102,18 +118,29 @@ def _fetch(fs, base: str, items: list[list], max_gap: int) -> dict[int, memoryvi
 
     Spans of one shard are sorted and merged when the gap between them is at most
     ``max_gap`` bytes, then all requests go out together (``cat_ranges`` runs them
-    concurrently on object stores). Missing shards and short reads (truncation) mark the
+    concurrently on object stores). Missing shards, short reads (truncation) and, on local
+    disk, a directory or FIFO in place of a shard (checked first: never opened) mark the
     affected samples bad; other I/O errors propagate (Ray retries the task)."""
     out: dict[int, memoryview | MemberError] = {}
     runs: list[tuple[str, int, int, list]] = []  # (path, start, end, items)
+    local = storage.is_local_fs(fs)
+    not_files: dict[str, str | None] = {}
     for it in sorted(items, key=lambda x: (x[1], x[3])):
         path = storage.join(base, it[1])
+        if local:  # a FIFO in place of a shard would block the read forever
+            if path not in not_files:
+                not_files[path] = storage.not_a_regular_file(path)
+            if not_files[path]:
+                out[it[0]] = MemberError(None, f"shard {not_files[path]}")
+                continue
         start, end = it[3], it[3] + it[4]
         if runs and runs[-1][0] == path and start - runs[-1][2] <= max_gap:
             p, s0, e0, its = runs[-1]
             runs[-1] = (p, s0, max(e0, end), its + [it])
         else:
             runs.append((path, start, end, [it]))
+    if not runs:
+        return out
     try:
         datas = fs.cat_ranges([r[0] for r in runs], [r[1] for r in runs], [r[2] for r in runs],
                               on_error="return")
@@ -127,10 +154,14 @@ def _fetch(fs, base: str, items: list[list], max_gap: int) -> dict[int, memoryvi
     for (path, s0, e0, its), data in zip(runs, datas):
         if isinstance(data, BaseException):
             if isinstance(data, FileNotFoundError):
-                for it in its:
-                    out[it[0]] = MemberError(None, "shard listed in the manifest is missing")
-                continue
-            raise data
+                problem = "shard listed in the manifest is missing"
+            elif isinstance(data, (IsADirectoryError, NotADirectoryError, PermissionError)):
+                problem = f"shard cannot be read ({type(data).__name__}: {data})"
+            else:
+                raise data  # transient I/O: Ray retries the task
+            for it in its:
+                out[it[0]] = MemberError(None, problem)
+            continue
         mv = memoryview(data)
         for it in its:
             lo = it[3] - s0
@@ -173,9 +204,7 @@ def decode_task(batch: dict, base: str, spec: dict, storage_options: dict, max_g
                 try:
                     if isinstance(data, MemberError):
                         raise data
-                    if hashlib.sha256(data).hexdigest() != sha:
-                        raise MemberError(None, f"sha256 mismatch (manifest {sha[:12]}..., "
-                                          f"read {hashlib.sha256(data).hexdigest()[:12]}...)")
+                    check_span(data, sha)
                     decoder.decode_into(data, key, cols, i)
                     cols[OK][i] = True
                 except MemberError as e:

@@ -7,12 +7,18 @@ class DataPipelineError(Exception):
     """Base class; the CLI prints these without a traceback and exits non-zero."""
 
 
-class LayoutError(DataPipelineError):
+class PackError(DataPipelineError):
+    """``pack`` cannot write the split: the output is not a directory, another pack holds its
+    lock, the disk is full, ... The message names the file or URL; what was already staged is
+    kept for the resume."""
+
+
+class LayoutError(PackError):
     """The source directory is not the official raw layout (a missing or malformed
     annotation file, an unparseable row)."""
 
 
-class SampleError(DataPipelineError):
+class SampleError(PackError):
     """One sample cannot be packed: a missing frame, short audio, unknown label, ..."""
 
     def __init__(self, key: str, path: str | None, problem: str):

@@ -133,20 +133,18 @@ class ShardStream:
         if not 0 <= rank < world_size:
             raise IngestError(f"rank {rank} is not in [0, world_size={world_size})")
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
-        try:
+        try:  # load_manifest checks every field the plan and the decode tasks rely on
             self.manifest = load_manifest(cfg.url, cfg.split, cfg.storage_options)
             self.dataset = get_dataset(self.manifest["dataset"])
+            self.spec = SampleSpec.from_manifest(self.manifest, self.dataset)
         except ManifestError as e:
-            raise IngestError(str(e), shard=e.url) from None
+            raise IngestError(f"{cfg.url} {cfg.split}: {e}" if e.url is None else str(e),
+                              shard=e.url) from None
         except UnknownDatasetError as e:
             raise IngestError(f"{cfg.url} {cfg.split}: {e}") from None
         self.task = self.manifest["dataset"]
         self.index = SplitIndex(self.manifest)
         self.num_samples = self.index.num_samples
-        if self.num_samples != int(self.manifest["num_samples"]):
-            raise IngestError(f"{cfg.url} {cfg.split}: shards list {self.num_samples} samples, "
-                              f"manifest num_samples {self.manifest['num_samples']}")
-        self.spec = SampleSpec.from_manifest(self.manifest, self.dataset)
         self.skipped_total = 0
         self._origin: dict[int, tuple[int, int]] = {}  # epoch -> (start position, first index)
         self._orders: dict[int, np.ndarray] = {}

@@ -15,20 +15,44 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from data_pipeline.errors import SampleError
-from data_pipeline.schema import AUDIO_FLAC_MEMBER, AUDIO_NPY_MEMBER, SAMPLE_RATE
+from data_pipeline.schema import AUDIO_FLAC_MEMBER, AUDIO_NPY_MEMBER, MAX_IMAGE_PIXELS, SAMPLE_RATE
+from data_pipeline.storage import not_a_regular_file
 
 if TYPE_CHECKING:
     from data_pipeline.pack import PackOptions
 
 
+# ----------------------------------------------------------------------------- source files
+def require_source_file(path: str, key: str, what: str) -> None:
+    """A source file must exist and be a regular file (a FIFO would block the packer forever,
+    a directory fails obscurely)."""
+    if not os.path.lexists(path):
+        raise SampleError(key, path, f"missing {what}: file does not exist")
+    problem = not_a_regular_file(path)
+    if problem:
+        raise SampleError(key, path, f"{what} {problem}")
+    if not os.path.exists(path):
+        raise SampleError(key, path, f"missing {what}: a dangling symlink")
+
+
+def check_pixels(width: int, height: int, key: str, path: str, what: str) -> None:
+    if width * height > MAX_IMAGE_PIXELS:
+        raise SampleError(key, path, f"{what} is {width}x{height} = {width * height:,} pixels, "
+                          f"more than the limit of {MAX_IMAGE_PIXELS:,} (a decompression bomb? "
+                          "data_pipeline.schema.MAX_IMAGE_PIXELS)")
+
+
 # ----------------------------------------------------------------------------- images
 def load_image(path: str, key: str, what: str = "frame") -> Image.Image:
-    if not os.path.exists(path):
-        raise SampleError(key, path, f"missing {what}: file does not exist")
+    require_source_file(path, key, what)
     try:
-        img = Image.open(path)
+        img = Image.open(path)  # reads the header only
+        check_pixels(*img.size, key, path, f"{what} image")
         img.load()  # force a full decode so truncated files fail here, not in training
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+    except Image.DecompressionBombError as e:  # PIL's own, larger limit
+        raise SampleError(key, path, f"{what} image refused as a decompression bomb ({e})") \
+            from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise SampleError(key, path, f"unreadable {what} image ({e})") from None
     return img
 
@@ -70,21 +94,26 @@ def encode_mask(path: str, key: str, opts: PackOptions) -> bytes:
 
 # ----------------------------------------------------------------------------- audio
 def to_int16(wave: np.ndarray) -> np.ndarray:
+    """int16 as is; finite float samples clipped to [-1, 1] and scaled by 32767 (``check_wave``
+    has refused every other dtype and non-finite values)."""
     if wave.dtype == np.int16:
         return wave
-    if np.issubdtype(wave.dtype, np.integer):
-        raise TypeError(f"integer audio of dtype {wave.dtype} (expected int16 or float)")
-    w = np.clip(np.nan_to_num(wave.astype(np.float64)), -1.0, 1.0)
+    w = np.clip(wave.astype(np.float64), -1.0, 1.0)
     return np.round(w * 32767.0).astype(np.int16)
 
 
-def load_npy(path: str, key: str, what: str) -> np.ndarray:
-    if not os.path.exists(path):
-        raise SampleError(key, path, f"missing {what}: file does not exist")
+def load_npy(path: str, key: str, what: str, max_elements: int | None = None) -> np.ndarray:
+    """A plain ``.npy`` array (never a pickle). Its header is read first (memory-mapped) and a
+    shape beyond ``max_elements`` is refused before anything is allocated."""
+    require_source_file(path, key, what)
     try:
-        return np.load(path, allow_pickle=False)
+        mapped = np.load(path, allow_pickle=False, mmap_mode="r")
+        if max_elements is not None and mapped.size > max_elements:
+            raise SampleError(key, path, f"{what} .npy has shape {tuple(mapped.shape)} "
+                              f"({mapped.size:,} values), expected at most {max_elements:,}")
+        return np.array(mapped)
     except ValueError as e:
-        if "allow_pickle" in str(e):
+        if "allow_pickle" in str(e) or "Python objects" in str(e):
             raise SampleError(key, path, f"{what} .npy is a pickle (object array); refusing to "
                               "unpickle it") from None
         raise SampleError(key, path, f"unreadable {what} .npy ({e})") from None
@@ -92,21 +121,40 @@ def load_npy(path: str, key: str, what: str) -> np.ndarray:
         raise SampleError(key, path, f"unreadable {what} .npy ({e})") from None
 
 
-def check_wave(wave: np.ndarray, key: str, path: str, samples: int) -> np.ndarray:
+def check_wave(wave, key: str, path: str, samples: int, segments: int) -> np.ndarray:
+    """The waveform of one sample as mono int16 of exactly ``samples`` values, or a
+    ``SampleError`` saying what is wrong with it.
+
+    Accepted: int16, or float (clipped to [-1, 1], scaled by 32767); mono ``(samples,)``, the
+    official per-second ``(segments, 32000)`` layout, or stereo ``(2, samples)`` / ``(samples,
+    2)``, down-mixed to mono by averaging the two channels (as WAV and video sources are).
+    Refused: other integer widths, bool, complex, strings and objects; NaN or inf samples;
+    any other shape; a wrong length."""
     wave = np.asarray(wave)
-    if wave.ndim == 2 and wave.size == samples:  # official (T, 32000) layout
-        wave = wave.reshape(-1)
+    kind = wave.dtype.kind
+    if kind not in "iuf" or (kind in "iu" and wave.dtype != np.int16):
+        raise SampleError(key, path, f"audio has dtype {wave.dtype} (expected int16 or float "
+                          "samples)")
+    if wave.ndim == 2:
+        if wave.shape == (segments, SAMPLE_RATE):  # official (T, 32000) layout
+            wave = wave.reshape(-1)
+        elif 2 in wave.shape and wave.size == 2 * samples:
+            mix = wave.astype(np.float64).mean(axis=0 if wave.shape[0] == 2 else 1)
+            wave = np.round(mix).astype(np.int16) if kind != "f" else mix
     if wave.ndim != 1:
-        raise SampleError(key, path, f"audio must be mono 1-D (or (T, 32000)); got shape "
+        raise SampleError(key, path, f"audio must be mono ({samples},), ({segments}, "
+                          f"{SAMPLE_RATE}) or stereo (2, {samples}) / ({samples}, 2); got shape "
                           f"{tuple(wave.shape)}")
     if wave.shape[0] != samples:
-        kind = "short" if wave.shape[0] < samples else "long"
-        raise SampleError(key, path, f"audio too {kind}: expected exactly {samples} samples "
+        kind_ = "short" if wave.shape[0] < samples else "long"
+        raise SampleError(key, path, f"audio too {kind_}: expected exactly {samples} samples "
                           f"({samples // SAMPLE_RATE} s at {SAMPLE_RATE} Hz), got {wave.shape[0]}")
-    try:
-        return to_int16(wave)
-    except TypeError as e:
-        raise SampleError(key, path, str(e)) from None
+    if kind == "f":
+        bad = ~np.isfinite(wave)
+        if bad.any():
+            raise SampleError(key, path, f"audio has {int(bad.sum())} non-finite samples (NaN "
+                              f"or inf; the first at sample {int(np.flatnonzero(bad)[0])})")
+    return to_int16(wave)
 
 
 def load_pickled_wave(path: str, entry: str, key: str, trust_pickle: bool) -> np.ndarray:
@@ -115,8 +163,7 @@ def load_pickled_wave(path: str, entry: str, key: str, trust_pickle: bool) -> np
         raise SampleError(key, path, "this AVS.npy wave file is a Python pickle, which can run "
                           "arbitrary code when loaded; pass --trust-pickle if you trust its "
                           "source, or provide per-video <name>.npy waves instead")
-    if not os.path.exists(path):
-        raise SampleError(key, path, "missing audio: file does not exist")
+    require_source_file(path, key, "audio")
     table = np.load(path, allow_pickle=True)
     table = table.item() if isinstance(table, np.ndarray) and table.dtype == object else table
     if not isinstance(table, dict) or entry not in table:
@@ -128,6 +175,7 @@ def load_wav_resampled(path: str, key: str) -> np.ndarray:
     """A PCM ``.wav`` (any rate; AVSBench ships 16 kHz) as float mono at 32 kHz."""
     import soundfile as sf
 
+    require_source_file(path, key, "audio")
     try:
         data, rate = sf.read(path, dtype="float32", always_2d=True)
     except Exception as e:  # soundfile raises its own LibsndfileError
@@ -175,8 +223,7 @@ def decode_video(path: str, key: str, segments: int, clip_seconds: float | None)
     32 kHz mono int16 audio (one second around each centre) from a video file, via PyAV."""
     import av
 
-    if not os.path.exists(path):
-        raise SampleError(key, path, "missing video: file does not exist")
+    require_source_file(path, key, "video")
     try:
         with av.open(path) as container:
             vstreams = container.streams.video
@@ -184,6 +231,8 @@ def decode_video(path: str, key: str, segments: int, clip_seconds: float | None)
             if not vstreams or not astreams:
                 raise SampleError(key, path, "video needs one video and one audio stream; found "
                                   f"{len(vstreams)} video, {len(astreams)} audio")
+            ctx = vstreams[0].codec_context
+            check_pixels(int(ctx.width or 0), int(ctx.height or 0), key, path, "video frame")
             duration = float(container.duration or 0) / av.time_base
             frames: list[tuple[float, Image.Image]] = []
             for frame in container.decode(vstreams[0]):

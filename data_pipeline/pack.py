@@ -1,24 +1,41 @@
 """``pack``: official raw layout -> WebDataset shards on any fsspec URL.
 
-Flow: list the split (annotations only) -> encode samples in worker processes (in key order)
--> write shards into a local *staging* directory, each with a journal entry -> when the whole
-split encoded without a fatal error, *publish* every shard (a rename on local disk, a single
-object upload on object storage) -> write the manifest last.
+Flow: list the split (annotations only) -> take the split's lock at the output
+(``data_pipeline.lock``: a second pack racing to the same split stops with a ``PackError``) ->
+encode samples in worker processes (in key order) -> write shards into a local *staging*
+directory, each with a journal entry -> when the whole split encoded without a fatal error,
+*publish*: upload (object storage) or rename (local disk) every shard, then write the manifest,
+then remove the previous pack's shards.
+
+Publication is one atomic switch. Shard names carry the pack's *generation* (a prefix of its
+fingerprint: input listing + options), so a new pack never writes under a name the old
+manifest lists; readers take shard names from the manifest only, and the manifest is replaced
+in one step (a rename; one object PUT). A reader therefore sees the old pack or the new one,
+never a mix, whenever the pack stops: before the manifest, the old manifest still names the
+old, untouched shards (the new ones are unlisted files the re-run reuses); after it, the new
+manifest names the new shards. The old generation is removed only after the switch (a reader
+still streaming the old pack then gets a named "shard missing" error, not other bytes).
 
 So a bad sample fails the split before any shard of it is visible, a crash at any point is
 resumed by re-running the same command (finished staged shards are kept, the rest re-encoded
-from the first sample after the last finished shard), and the bytes are identical to an
-uninterrupted run because shard boundaries depend only on the sorted sample sequence.
+from the first sample after the last finished shard), and the bytes (and names) are identical
+to an uninterrupted run because shard boundaries depend only on the sorted sample sequence.
+A write that fails (disk full, permissions) is a ``PackError`` naming the file; what was
+staged is kept for the resume.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import logging
 import multiprocessing as mp
 import os
 import shutil
+import struct
+import zlib
 from dataclasses import asdict, dataclass
 
 from tqdm import tqdm
@@ -26,11 +43,14 @@ from tqdm import tqdm
 from data_pipeline import media, storage
 from data_pipeline.datasets import Dataset, as_dataset
 from data_pipeline.datasets.base import RawSample
-from data_pipeline.errors import DataPipelineError, LayoutError, SampleError
+from data_pipeline.errors import DataPipelineError, LayoutError, PackError, SampleError
+from data_pipeline.lock import SplitLock
 from data_pipeline.schema import (
     DEFAULT_FRAME_SIZE, DEFAULT_JPEG_QUALITY, DEFAULT_MASK_SIZE, DEFAULT_SHARD_BYTES,
-    LABELS_MEMBER, SAMPLE_RATE, SCHEMA_VERSION, frame_member, manifest_name, shard_name)
+    LABELS_MEMBER, MAX_FRAME_SIZE, MAX_MASK_SIZE, SAMPLE_RATE, SCHEMA_VERSION, frame_member,
+    is_shard_of, manifest_name, shard_name)
 from data_pipeline.tario import DeterministicTarWriter, sample_size
+from data_pipeline.units import parse_size
 
 log = logging.getLogger("data_pipeline.pack")
 
@@ -41,11 +61,17 @@ class PackOptions:
     mask_size: int = DEFAULT_MASK_SIZE
     jpeg_quality: int = DEFAULT_JPEG_QUALITY
     audio_format: str = "npy"
-    shard_bytes: int = DEFAULT_SHARD_BYTES
+    shard_bytes: int | str = DEFAULT_SHARD_BYTES  # bytes, or a size: "256MB" (10^6), "256MiB" (2^20)
     shard_samples: int = 0  # 0 = no sample cap, size alone decides
     from_videos: bool = False
     on_error: str = "raise"  # or "skip"
     trust_pickle: bool = False
+
+    def __post_init__(self):
+        try:  # one unit system with the CLI's --shard-size (data_pipeline.units)
+            object.__setattr__(self, "shard_bytes", parse_size(self.shard_bytes))
+        except ValueError as e:
+            raise PackError(f"--shard-size / shard_bytes: {e}") from None
 
     def validate(self) -> None:
         if self.audio_format not in ("npy", "flac"):
@@ -55,6 +81,9 @@ class PackOptions:
         for name in ("frame_size", "mask_size", "shard_bytes"):
             if getattr(self, name) <= 0:
                 raise DataPipelineError(f"--{name.replace('_', '-')} must be positive")
+        for name, top in (("frame_size", MAX_FRAME_SIZE), ("mask_size", MAX_MASK_SIZE)):
+            if getattr(self, name) > top:  # readers refuse manifests beyond these bounds
+                raise DataPipelineError(f"--{name.replace('_', '-')} must be at most {top}")
         if not 1 <= self.jpeg_quality <= 100:
             raise DataPipelineError("--jpeg-quality must be in 1..100")
 
@@ -102,23 +131,36 @@ def encode_sample(sample: RawSample, dataset: Dataset,
         ref = sample.audio
         audio_path = ref.path
         if ref.kind == "npy":
-            wave = media.load_npy(ref.path, key, "audio")
+            wave = media.load_npy(ref.path, key, "audio", max_elements=2 * dataset.audio_samples)
         elif ref.kind == "pickle":
             wave = media.load_pickled_wave(ref.path, ref.entry, key, opts.trust_pickle)
         elif ref.kind == "wav":
             wave = media.load_wav_resampled(ref.path, key)
         else:
             raise ValueError(f"unknown audio source kind {ref.kind!r}")
-    wave = media.check_wave(wave, key, audio_path, dataset.audio_samples)
+    wave = media.check_wave(wave, key, audio_path, dataset.audio_samples, segments)
     members.append(media.encode_audio(wave, opts.audio_format))
     members += dataset.encode_extra(sample, opts)
     members.append((LABELS_MEMBER, media.json_bytes(sample.labels)))
     return members
 
 
+# Exceptions that bad *input* can raise from the decoders (numpy, PIL, soundfile, zlib) where a
+# check of ours did not catch it first: they fail (or, with --on-error skip, skip) that sample
+# under its key instead of ending the pack with a traceback.
+_INPUT_ERRORS = (ValueError, TypeError, OSError, EOFError, struct.error, zlib.error,
+                 media.Image.DecompressionBombError)
+
+
 def _encode_task(sample: RawSample):
     try:
-        return sample.key, encode_sample(sample, _WORKER["dataset"], _WORKER["opts"]), None
+        try:
+            return sample.key, encode_sample(sample, _WORKER["dataset"], _WORKER["opts"]), None
+        except SampleError:
+            raise
+        except _INPUT_ERRORS as e:
+            raise SampleError(sample.key, None, f"cannot be packed ({type(e).__name__}: {e})") \
+                from None
     except SampleError as e:
         if _WORKER["opts"].on_error == "skip":
             return sample.key, None, _relative(str(e), _WORKER["src"])
@@ -130,13 +172,45 @@ def _relative(message: str, src: str) -> str:
     return message.replace(os.path.abspath(src).rstrip("/") + "/", "<src>/")
 
 
+# ------------------------------------------------------------------------------ writing
+@contextlib.contextmanager
+def _writing(path: str):
+    """An ``OSError`` while writing ``path`` becomes a ``PackError`` naming it (disk full,
+    permissions, a read-only mount); finished staged shards stay for the resume."""
+    try:
+        yield
+    except OSError as e:
+        full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+        hint = ("; free some space and re-run the same command: the finished shards are kept "
+                "and the pack resumes" if full else "")
+        raise PackError(f"{path}: cannot write ({e.strerror or e}){hint}") from None
+
+
+def _atomic_write(path: str, data: bytes) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with _writing(path):
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+
+
 # ------------------------------------------------------------------------------ staging
 class Staging:
     """A local directory of finished shards (``*.tar``) and their journal entries (``*.json``)."""
 
     def __init__(self, path: str, fingerprint: str):
         self.path = path
-        os.makedirs(path, exist_ok=True)
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise PackError(f"staging directory {path} is a file (--staging names a directory)")
+        with _writing(path):
+            os.makedirs(path, exist_ok=True)
         fp_file = os.path.join(path, "fingerprint")
         if os.path.exists(fp_file):
             with open(fp_file) as f:
@@ -155,20 +229,15 @@ class Staging:
             p = os.path.join(self.path, f"{len(entries):06d}.json")
             if not os.path.exists(p):
                 return entries
-            with open(p) as f:
-                entries.append(json.load(f))
+            try:
+                with open(p) as f:
+                    entries.append(json.load(f))
+            except (OSError, ValueError) as e:
+                raise PackError(f"staging journal {p} is unreadable ({e}); delete the staging "
+                                f"directory {self.path} and pack again") from None
 
     def record(self, index: int, entry: dict) -> None:
         _atomic_write(os.path.join(self.path, f"{index:06d}.json"), media.json_bytes(entry))
-
-
-def _atomic_write(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def default_staging_dir(out: str, split: str) -> str:
@@ -198,6 +267,7 @@ def pack(dataset: str | Dataset, src: str, split: str, out: str, opts: PackOptio
     samples = sorted(listing.samples, key=lambda s: s.key)
     if not samples:
         raise LayoutError(f"{dataset} {split}: the annotations list no samples")
+    refuse_paths_outside(samples, [src] + ([videos_dir] if videos_dir else []))
 
     manifest_head = {
         "schema_version": SCHEMA_VERSION, "dataset": dataset, "task": ds.task,
@@ -208,9 +278,19 @@ def pack(dataset: str | Dataset, src: str, split: str, out: str, opts: PackOptio
         {**manifest_head, "samples": [(s.key, s.labels) for s in samples]})).hexdigest()
 
     fs, out_path = storage.filesystem(out)
+    local = storage.is_local_fs(fs)
+    _make_output_dir(fs, out_path, out, local)
+    with SplitLock(fs, out_path, split, local, out):
+        return _pack_locked(ds, src, split, out, opts, workers, staging_dir, overwrite,
+                            progress, _stop_after_shards, samples, manifest_head, fingerprint,
+                            fs, out_path, local)
+
+
+def _pack_locked(ds, src, split, out, opts, workers, staging_dir, overwrite, progress,
+                 stop_after, samples, manifest_head, fingerprint, fs, out_path, local):
     manifest_url = storage.join(out_path, manifest_name(split))
-    if fs.exists(manifest_url):
-        existing = json.loads(fs.cat_file(manifest_url))
+    existing = _existing_manifest(fs, manifest_url, overwrite)
+    if existing is not None:
         if existing.get("fingerprint") == fingerprint:
             log.info("%s already holds this pack (same input and options); nothing to do", out)
             return PackResult(existing, out, 0)
@@ -219,6 +299,7 @@ def pack(dataset: str | Dataset, src: str, split: str, out: str, opts: PackOptio
                                     "options; pass --overwrite to replace it")
 
     staging = Staging(staging_dir or default_staging_dir(out, split), fingerprint)
+    generation = fingerprint[:12]
     journal = staging.journal()
     start = 0
     if journal:
@@ -226,16 +307,17 @@ def pack(dataset: str | Dataset, src: str, split: str, out: str, opts: PackOptio
         start = next(i for i, s in enumerate(samples) if s.key == last) + 1
     todo = samples[start:]
     encoded = _encode_and_stage(ds, src, opts, workers, staging, journal, todo, split,
-                                progress, _stop_after_shards)
-    if _stop_after_shards is not None and encoded is None:
+                                generation, progress, stop_after)
+    if stop_after is not None and encoded is None:
         return PackResult({}, out, 0)
     journal = staging.journal()
     trailing_skips = encoded["trailing_skips"]
 
-    _publish(fs, out_path, staging, journal)
     shards = [{k: e[k] for k in ("name", "samples", "bytes", "sha256", "keys", "spans",
                                  "sample_sha256")} for e in journal]
     skipped = [s for e in journal for s in e["skipped"]] + trailing_skips
+    if not shards:
+        raise DataPipelineError(f"{ds.name} {split}: every sample was skipped; nothing to publish")
     manifest = {
         **manifest_head,
         "fingerprint": fingerprint,
@@ -246,35 +328,95 @@ def pack(dataset: str | Dataset, src: str, split: str, out: str, opts: PackOptio
         "skipped": skipped,
         "shards": shards,
     }
-    if not shards:
-        raise DataPipelineError(f"{dataset} {split}: every sample was skipped; nothing to publish")
-    _write_manifest(fs, manifest_url, manifest)
+    # publication: new shards (names no manifest lists yet), the manifest (the switch), then
+    # the previous generation
+    for entry in journal:
+        _publish_shard(fs, local, staging, out_path, entry)
+    _write_manifest(fs, local, manifest_url, manifest)
     _remove_stale_shards(fs, out_path, split, {s["name"] for s in shards})
     shutil.rmtree(staging.path, ignore_errors=True)
     return PackResult(manifest, out, encoded["count"])
 
 
-def _encode_and_stage(dataset, src, opts, workers, staging, journal, todo, split, progress,
-                      stop_after):
+def refuse_paths_outside(samples: list[RawSample], roots: list[str]) -> None:
+    """A sample whose media path leaves the source tree (an id such as ``../../x`` or an
+    absolute path in the annotations) gets a ``SampleError``: it is never read. Lexical
+    (``normpath``), so symlinks inside the tree still work."""
+    bases = [os.path.normpath(os.path.abspath(r)) for r in roots]
+
+    def inside(p: str) -> bool:
+        q = os.path.normpath(os.path.abspath(p))
+        return any(q == b or q.startswith(b + os.sep) for b in bases)
+
+    for s in samples:
+        if s.error is not None:
+            continue
+        paths = list(s.frames) + ([s.audio.path] if s.audio else []) + \
+            ([s.video] if s.video else [])
+        for v in s.extra.values():
+            paths += [v] if isinstance(v, str) else [x for x in v if isinstance(x, str)] \
+                if isinstance(v, (list, tuple)) else []
+        outside = [p for p in paths if not inside(p)]
+        if outside:
+            s.error = SampleError(s.key, outside[0], "the annotation's id leads outside the "
+                                  f"source directory {roots[0]} (refused: ids must name files "
+                                  "inside --src)")
+
+
+def _make_output_dir(fs, out_path: str, out: str, local: bool) -> None:
+    if local:
+        if os.path.exists(out_path) and not os.path.isdir(out_path):
+            raise PackError(f"--out {out} is a file, not a directory")
+        try:
+            os.makedirs(out_path, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            raise PackError(f"--out {out}: a component of the path is a file, not a "
+                            "directory") from None
+        except OSError as e:
+            raise PackError(f"--out {out}: cannot create the directory ({e.strerror})") from None
+    else:
+        with _writing(out):
+            fs.makedirs(out_path, exist_ok=True)
+
+
+def _existing_manifest(fs, url: str, overwrite: bool) -> dict | None:
+    """The manifest a previous pack published at ``url`` (None if none); one that cannot be
+    read is an error unless it is being overwritten."""
+    try:
+        return json.loads(storage.read_file(fs, url))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        if overwrite:
+            log.warning("replacing the unreadable manifest %s (%s)", url, e)
+            return {}
+        raise PackError(f"{url} exists but is not a readable manifest ({e}); pass --overwrite "
+                        "to replace it") from None
+
+
+def _encode_and_stage(dataset, src, opts, workers, staging, journal, todo, split, generation,
+                      progress, stop_after):
     index = len(journal)
     cur = None  # (writer, file, tmp path, keys, size estimate)
     skipped_since: list[dict] = []
     count = 0
 
     def open_shard():
-        tmp = os.path.join(staging.path, shard_name(split, index) + ".partial")
-        f = open(tmp, "wb")
+        tmp = os.path.join(staging.path, shard_name(split, index, generation) + ".partial")
+        with _writing(tmp):
+            f = open(tmp, "wb")
         return {"writer": DeterministicTarWriter(f), "file": f, "tmp": tmp, "keys": [], "size": 0,
                 "spans": [], "sha": []}
 
     def close_shard():
         nonlocal cur, index, skipped_since
-        nbytes, sha = cur["writer"].close()
-        cur["file"].flush()
-        os.fsync(cur["file"].fileno())
-        cur["file"].close()
-        name = shard_name(split, index)
-        os.replace(cur["tmp"], os.path.join(staging.path, name))
+        name = shard_name(split, index, generation)
+        with _writing(cur["tmp"]):
+            nbytes, sha = cur["writer"].close()
+            cur["file"].flush()
+            os.fsync(cur["file"].fileno())
+            cur["file"].close()
+            os.replace(cur["tmp"], os.path.join(staging.path, name))
         staging.record(index, {"name": name, "samples": len(cur["keys"]), "bytes": nbytes,
                                "sha256": sha, "keys": cur["keys"], "spans": cur["spans"],
                                "sample_sha256": cur["sha"], "last_key": cur["keys"][-1],
@@ -301,7 +443,8 @@ def _encode_and_stage(dataset, src, opts, workers, staging, journal, todo, split
                     return None
             if cur is None:
                 cur = open_shard()
-            offset, length, sample_sha = cur["writer"].add_sample(key, members)
+            with _writing(cur["tmp"]):
+                offset, length, sample_sha = cur["writer"].add_sample(key, members)
             cur["spans"].append([offset, length])
             cur["sha"].append(sample_sha)
             cur["keys"].append(key)
@@ -312,8 +455,10 @@ def _encode_and_stage(dataset, src, opts, workers, staging, journal, todo, split
     finally:
         bar.close()
         if cur is not None:  # an error mid-shard: drop the partial file, keep finished shards
-            cur["file"].close()
-            os.unlink(cur["tmp"])
+            with contextlib.suppress(OSError):
+                cur["file"].close()
+            with contextlib.suppress(OSError):
+                os.unlink(cur["tmp"])
         close = getattr(results, "close", None)
         if close:
             close()
@@ -338,45 +483,47 @@ def _run_encoder(dataset, src, opts, workers, todo):
     return gen()
 
 
-def _publish(fs, out_path: str, staging: Staging, journal: list[dict]) -> None:
-    local = _is_local_fs(fs)
-    if local:
-        os.makedirs(out_path, exist_ok=True)
-    else:
-        fs.makedirs(out_path, exist_ok=True)
-    for entry in journal:
-        staged = os.path.join(staging.path, entry["name"])
-        dest = storage.join(out_path, entry["name"])
-        if not os.path.exists(staged):
-            # published by an earlier, interrupted run (a local rename moves the file)
-            if fs.exists(dest) and fs.size(dest) == entry["bytes"]:
-                continue
-            raise DataPipelineError(f"staged shard {staged} is missing and {dest} does not match "
-                                    "its journal; delete the staging directory and pack again")
+def _publish_shard(fs, local: bool, staging: Staging, out_path: str, entry: dict) -> None:
+    """Make one staged shard visible at the output under its generation name (listed by no
+    manifest until the new one is written)."""
+    staged = os.path.join(staging.path, entry["name"])
+    dest = storage.join(out_path, entry["name"])
+    if not os.path.exists(staged):
+        # published by an earlier, interrupted run (a local rename moves the file)
+        if fs.exists(dest) and fs.size(dest) == entry["bytes"]:
+            return
+        raise DataPipelineError(f"staged shard {staged} is missing and {dest} does not match "
+                                "its journal; delete the staging directory and pack again")
+    with _writing(dest):
         if local:
             os.replace(staged, dest)  # atomic: visible only complete
         else:
             fs.put_file(staged, dest)  # one object, visible only when the upload completes
 
 
-def _write_manifest(fs, url: str, manifest: dict) -> None:
+def _write_manifest(fs, local: bool, url: str, manifest: dict) -> None:
+    """The switch from the previous pack to this one: one rename, or one object PUT."""
     data = json.dumps(manifest, indent=1, sort_keys=True).encode() + b"\n"
-    if _is_local_fs(fs):
+    if local:
         _atomic_write(url, data)
     else:
-        fs.pipe_file(url, data)
+        with _writing(url):
+            fs.pipe_file(url, data)
 
 
 def _remove_stale_shards(fs, out_path: str, split: str, keep: set[str]) -> None:
-    """Shards of this split left by an earlier, larger pack (after --overwrite)."""
-    prefix = f"{split}-"
-    for p in fs.ls(out_path, detail=False):
+    """Shards of this split that the new manifest does not list: the previous generation
+    (after --overwrite), and shards an abandoned pack published but never listed."""
+    try:
+        listing = fs.ls(out_path, detail=False)
+    except OSError as e:
+        log.warning("could not list %s to remove the previous pack's shards (%s)", out_path, e)
+        return
+    for p in listing:
         name = p.rstrip("/").rsplit("/", 1)[-1]
-        if name.startswith(prefix) and name.endswith(".tar") and name not in keep:
-            log.warning("removing stale shard %s", p)
-            fs.rm_file(p)
-
-
-def _is_local_fs(fs) -> bool:
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    return protocol in ("file", "local")
+        if is_shard_of(name, split) and name not in keep:
+            log.info("removing shard %s of the previous pack", p)
+            try:
+                fs.rm_file(p)
+            except OSError as e:  # the new pack is complete; the leftover is only unlisted bytes
+                log.warning("could not remove %s (%s)", p, e)

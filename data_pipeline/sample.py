@@ -79,10 +79,19 @@ class SampleSpec:
 
             dataset = get_dataset(manifest["dataset"])
         opts = manifest["options"]
+        try:
+            extra = dataset.spec_extra(manifest)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            from data_pipeline.errors import ManifestError
+
+            raise ManifestError(f"{manifest['dataset']} {manifest['split']} manifest: "
+                                f"'label_vocab' does not hold what the {manifest['dataset']} "
+                                f"dataset needs ({type(e).__name__}: {e})",
+                                field="label_vocab") from None
         return cls(dataset=manifest["dataset"], split=manifest["split"],
                    segments=int(manifest["segments"]), frame_size=int(opts["frame_size"]),
                    mask_size=int(opts["mask_size"]), audio_format=opts.get("audio_format", "npy"),
-                   extra=dataset.spec_extra(manifest))
+                   extra=extra)
 
     def to_dict(self) -> dict:
         return asdict(self)

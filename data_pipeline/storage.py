@@ -4,8 +4,15 @@ S3 settings, e.g. ``AWS_ENDPOINT_URL``), ``gs://``."""
 from __future__ import annotations
 
 import os
+import stat
 
 import fsspec
+
+from data_pipeline.errors import DataPipelineError
+
+# fsspec protocols whose implementation is a separate package that is not in the pins
+_OPTIONAL_BACKENDS = {"gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs",
+                      "abfss": "adlfs"}
 
 
 def _s3_options() -> dict:
@@ -26,8 +33,48 @@ def filesystem(url: str, **storage_options):
     protocol = url.split("://", 1)[0] if "://" in url else "file"
     opts = _s3_options() if protocol in ("s3", "s3a") else {}
     opts.update(storage_options)
-    fs, path = fsspec.core.url_to_fs(url, **opts)
+    try:
+        fs, path = fsspec.core.url_to_fs(url, **opts)
+    except ImportError as e:
+        package = _OPTIONAL_BACKENDS.get(protocol)
+        if package is None:
+            raise
+        raise DataPipelineError(
+            f"{url}: {protocol}:// URLs need the {package} package, which is not in avmoe's "
+            f"pinned requirements; install it (pip install {package}) on every machine that "
+            f"reads or writes this URL, or use s3:// ({e})") from None
     return fs, path
+
+
+def is_local_fs(fs) -> bool:
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return protocol in ("file", "local")
+
+
+def not_a_regular_file(path: str) -> str | None:
+    """Why the local ``path`` cannot be read as a file ("a directory", "a FIFO", ...), or None
+    (also None when it does not exist: the caller reports that its own way). Readers check
+    this first: opening a FIFO blocks until a writer comes, so it must never be opened."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return None
+    if stat.S_ISREG(mode):
+        return None
+    kind = ("a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else
+            "a socket" if stat.S_ISSOCK(mode) else "a device" if stat.S_ISCHR(mode) or
+            stat.S_ISBLK(mode) else "not a regular file")
+    return f"is {kind}, not a regular file"
+
+
+def read_file(fs, path: str) -> bytes:
+    """All bytes of ``path``; on local disk a directory or FIFO raises ``IsADirectoryError`` /
+    ``OSError`` naming it instead of blocking."""
+    if is_local_fs(fs):
+        problem = not_a_regular_file(path)
+        if problem:
+            raise IsADirectoryError(f"{path} {problem}")
+    return fs.cat_file(path)
 
 
 def join(base: str, name: str) -> str:

@@ -1,36 +1,28 @@
-"""``verify``: re-read published shards and check them against their manifests."""
+"""``verify``: re-read published shards and check them against their manifests, with the
+streaming ingest's own per-sample path.
+
+A split is checked as training will read it: its manifest through ``load_manifest`` (shard
+names listed once, keys, spans, sizes; ``data_pipeline.manifest``), then every shard read once
+from start to end: each sample's span hashed against its manifest sha256 and decoded by the
+ingest's decoder (``decode_task.SampleDecoder``: tar members, member schema, JPEG frames at
+the manifest's frame size, int16 audio of the right length, masks, features, labels through
+the dataset's target encoder), the end-of-archive padding, the shard's size and sha256. So a
+shard that verifies is one the ingest accepts, and what the ingest would reject fails here
+with a ``ShardError`` naming the shard, the key and the member.
+"""
 
 from __future__ import annotations
 
 import hashlib
-import io
-import json
 from dataclasses import dataclass, field
 
 from data_pipeline import storage
-from data_pipeline.datasets import Dataset, get_dataset
-from data_pipeline.decode import decode_member
-from data_pipeline.errors import ShardError
+from data_pipeline.datasets import get_dataset
+from data_pipeline.decode_task import SampleDecoder, check_span
+from data_pipeline.errors import ManifestError, MemberError, ShardError
 from data_pipeline.manifest import load_manifest, manifest_splits
-from data_pipeline.tario import TarReadError, iter_tar_samples
-
-
-class HashingReader(io.RawIOBase):
-    def __init__(self, f):
-        self._f = f
-        self.sha256 = hashlib.sha256()
-        self.bytes = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b) -> int:
-        data = self._f.read(len(b))
-        n = len(data)
-        b[:n] = data
-        self.sha256.update(data)
-        self.bytes += n
-        return n
+from data_pipeline.sample import SampleSpec, empty_columns
+from data_pipeline.tario import parse_members
 
 
 @dataclass
@@ -41,6 +33,8 @@ class VerifyReport:
 
 
 def verify(url: str, splits: list[str] | None = None, decode: bool = True) -> VerifyReport:
+    """Check every shard of ``splits`` (default: every split with a manifest) at ``url``;
+    ``decode=False`` checks hashes, sizes and tar structure but decodes no media."""
     fs, path = storage.filesystem(url)
     splits = splits or manifest_splits(url)
     if not splits:
@@ -49,64 +43,57 @@ def verify(url: str, splits: list[str] | None = None, decode: bool = True) -> Ve
     for split in splits:
         manifest = load_manifest(url, split)
         dataset = get_dataset(manifest["dataset"])
-        audio_format = manifest["options"]["audio_format"]
-        count = 0
+        try:
+            spec = SampleSpec.from_manifest(manifest, dataset)
+        except ManifestError as e:
+            raise ManifestError(f"{url} {split}.manifest.json: {e}", url, e.field) from None
+        decoder = SampleDecoder(spec, dataset)
+        cols = empty_columns(spec, 1, dataset)
         for entry in manifest["shards"]:
             shard = storage.join(path, entry["name"])
-            if not fs.exists(shard):
-                raise ShardError(f"{shard}: listed in the manifest but missing")
-            with fs.open(shard, "rb") as f:
-                reader = HashingReader(f)
-                keys, offsets = [], []
-                try:
-                    for key, members in iter_tar_samples(io.BufferedReader(reader, 1 << 20),
-                                                         shard, offsets):
-                        keys.append(key)
-                        check_sample(shard, key, members, dataset, audio_format, decode)
-                except TarReadError as e:
-                    raise ShardError(str(e)) from None
-                while reader.read(1 << 20):  # hash the end-of-archive padding too
-                    pass
-            if reader.bytes != entry["bytes"]:
-                raise ShardError(f"{shard}: {reader.bytes} bytes, manifest says {entry['bytes']}")
-            if reader.sha256.hexdigest() != entry["sha256"]:
-                raise ShardError(f"{shard}: sha256 mismatch (manifest {entry['sha256'][:12]}..., "
-                                 f"file {reader.sha256.hexdigest()[:12]}...)")
-            if keys != entry["keys"] or len(keys) != entry["samples"]:
-                raise ShardError(f"{shard}: holds {len(keys)} samples, manifest lists "
-                                 f"{entry['samples']} (keys differ)")
-            spans = entry.get("spans", [])
-            if [o for o, _ in spans] != offsets or any(
-                    a[0] + a[1] != b[0] for a, b in zip(spans, spans[1:])):
-                raise ShardError(f"{shard}: sample byte spans in the manifest do not match the tar")
-            count += len(keys)
+            report.bytes += _verify_shard(fs, shard, entry, decoder, cols, decode)
             report.shards += 1
-            report.bytes += reader.bytes
-        if count != manifest["num_samples"]:
-            raise ShardError(f"{url} {split}: {count} samples, manifest says "
-                             f"{manifest['num_samples']}")
-        report.splits[split] = count
+        report.splits[split] = manifest["num_samples"]
     return report
 
 
-def check_sample(shard: str, key: str, members: dict, dataset: Dataset, audio_format: str,
-                 decode: bool = True) -> None:
+def _verify_shard(fs, shard: str, entry: dict, decoder: SampleDecoder, cols: dict,
+                  decode: bool) -> int:
+    if storage.is_local_fs(fs):
+        problem = storage.not_a_regular_file(shard)
+        if problem:
+            raise ShardError(f"{shard}: {problem}")
     try:
-        labels = json.loads(members["json"])
-    except KeyError:
-        raise ShardError(f"{shard}: sample {key!r} has no 'json' member") from None
-    except json.JSONDecodeError as e:
-        raise ShardError(f"{shard}: sample {key!r} member 'json' is not valid JSON ({e})") from None
-    want = dataset.members(labels, audio_format)
-    if sorted(members) != want:
-        missing = sorted(set(want) - set(members))
-        extra = sorted(set(members) - set(want))
-        raise ShardError(f"{shard}: sample {key!r} members differ from the schema: missing "
-                         f"{missing}, unexpected {extra}")
-    if decode:
-        for suffix, data in members.items():
+        f = fs.open(shard, "rb")
+    except FileNotFoundError:
+        raise ShardError(f"{shard}: listed in the manifest but missing") from None
+    whole = hashlib.sha256()
+    with f:
+        for key, (offset, length), sha in zip(entry["keys"], entry["spans"],
+                                              entry["sample_sha256"]):
+            span = f.read(length)
+            whole.update(span)
+            if len(span) < length:
+                raise ShardError(f"{shard}: truncated: sample {key!r} ends at byte "
+                                 f"{offset + length}, the file has {offset + len(span)}")
             try:
-                decode_member(suffix, data)
-            except Exception as e:
-                raise ShardError(f"{shard}: sample {key!r} member {suffix!r} does not decode "
-                                 f"({type(e).__name__}: {e})") from None
+                check_span(span, sha)
+                if decode:
+                    decoder.decode_into(memoryview(span), key, cols, 0)
+                else:
+                    decoder.check_members(parse_members(memoryview(span), key))
+            except MemberError as e:
+                member = f" member {e.member!r}" if e.member else ""
+                raise ShardError(f"{shard}: sample {key!r}{member}: {e.problem}") from None
+        tail = f.read()
+    whole.update(tail)
+    size = entry["spans"][-1][0] + entry["spans"][-1][1] + len(tail)
+    if tail.strip(b"\0"):
+        raise ShardError(f"{shard}: bytes after the last sample that are not the tar's "
+                         "end-of-archive padding (the manifest's spans do not cover the tar)")
+    if size != entry["bytes"]:
+        raise ShardError(f"{shard}: {size} bytes, manifest says {entry['bytes']}")
+    if whole.hexdigest() != entry["sha256"]:
+        raise ShardError(f"{shard}: sha256 mismatch (manifest {entry['sha256'][:12]}..., "
+                         f"file {whole.hexdigest()[:12]}...)")
+    return size

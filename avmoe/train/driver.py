@@ -27,12 +27,17 @@ log = logging.getLogger("avmoe.train")
 
 
 def _load_manifest(url: str, split: str) -> dict[str, Any]:
+    from data_pipeline.datasets import DATASETS
     from data_pipeline.manifest import load_manifest
+    from data_pipeline.sample import SampleSpec
 
     try:
-        return load_manifest(url, split)
+        manifest = load_manifest(url, split)
+        if manifest["dataset"] in DATASETS:  # its label_vocab, as the workers' ingest reads it
+            SampleSpec.from_manifest(manifest)
+        return manifest
     except Exception as e:
-        raise ConfigError(f"data: {e}") from None
+        raise ConfigError(f"data: {url} {split}: {e}") from None
 
 
 def read_checkpoint_meta(path: str) -> dict[str, Any]:

@@ -14,7 +14,7 @@ import os
 
 import numpy as np
 
-from data_pipeline.datasets.base import (Dataset, RawSample, SplitListing, register,
+from data_pipeline.datasets.base import (Dataset, RawSample, SplitListing, read_text, register,
                                          require_file, unique_keys)
 from data_pipeline.errors import LayoutError, SampleError
 from data_pipeline.sample import LabelError, label_field
@@ -38,27 +38,26 @@ def parse_ave_rows(path: str) -> list[tuple[str, str, str, int, int, int]]:
     """Rows of Annotations.txt / {train,val,test}Set.txt: (category, video_id, quality, start,
     end, line_number). The header line (``Category&VideoID&...``) is skipped."""
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.rstrip("\n").rstrip("\r")
-            if not line.strip():
-                continue
-            parts = line.split("&")
-            if lineno == 1 and parts[0] == "Category":
-                continue
-            if len(parts) != 5:
-                raise LayoutError(f"{path}:{lineno}: expected 5 '&'-separated fields "
-                                  f"Category&VideoID&Quality&StartTime&EndTime, got {len(parts)}")
-            cat, vid, quality, start, end = parts
-            try:
-                s, e = int(start), int(end)
-            except ValueError:
-                raise LayoutError(f"{path}:{lineno}: StartTime/EndTime must be integers, got "
-                                  f"{start!r}/{end!r}") from None
-            if not (0 <= s <= e <= SEGMENTS):
-                raise LayoutError(f"{path}:{lineno}: need 0 <= StartTime <= EndTime <= "
-                                  f"{SEGMENTS}, got {s}..{e}")
-            rows.append((cat, vid, quality, s, e, lineno))
+    for lineno, line in enumerate(read_text(path, "AVE annotation file").split("\n"), 1):
+        line = line.rstrip("\r")
+        if not line.strip():
+            continue
+        parts = line.split("&")
+        if lineno == 1 and parts[0] == "Category":
+            continue
+        if len(parts) != 5:
+            raise LayoutError(f"{path}:{lineno}: expected 5 '&'-separated fields "
+                              f"Category&VideoID&Quality&StartTime&EndTime, got {len(parts)}")
+        cat, vid, quality, start, end = parts
+        try:
+            s, e = int(start), int(end)
+        except ValueError:
+            raise LayoutError(f"{path}:{lineno}: StartTime/EndTime must be integers, got "
+                              f"{start!r}/{end!r}") from None
+        if not (0 <= s <= e <= SEGMENTS):
+            raise LayoutError(f"{path}:{lineno}: need 0 <= StartTime <= EndTime <= "
+                              f"{SEGMENTS}, got {s}..{e}")
+        rows.append((cat, vid, quality, s, e, lineno))
     return rows
 
 
@@ -76,11 +75,28 @@ class AVE(Dataset):
     split_files = {"train": "trainSet.txt", "val": "valSet.txt", "test": "testSet.txt"}
 
     def categories(self, src: str) -> list[str]:
+        """``categories.txt`` (line order = class index), else the official 28. Index
+        ``BACKGROUND`` (28) is the background of every segment label, so a category cannot take
+        it: more than 28 lines, or a line listed twice, is a ``LayoutError``."""
         path = os.path.join(src, "categories.txt")
-        if os.path.isfile(path):
-            with open(path, encoding="utf-8") as f:
-                return [line.rstrip("\n") for line in f if line.strip()]
-        return list(CATEGORIES)
+        if not os.path.lexists(path):
+            return list(CATEGORIES)
+        cats, first = [], {}
+        for lineno, line in enumerate(read_text(require_file(path, "AVE categories.txt"),
+                                                "AVE categories.txt").split("\n"), 1):
+            name = line.rstrip("\r")
+            if not name.strip():
+                continue
+            if name in first:
+                raise LayoutError(f"{path}:{lineno}: category {name!r} is listed twice (also on "
+                                  f"line {first[name]}); each line is one class index")
+            first[name] = lineno
+            cats.append(name)
+        if len(cats) > BACKGROUND:
+            raise LayoutError(f"{path}: {len(cats)} categories, but AVE segment labels reserve "
+                              f"index {BACKGROUND} for background: at most {BACKGROUND} categories "
+                              f"(line {list(first.values())[BACKGROUND]} would become background)")
+        return cats
 
     def list_split(self, src, split, from_videos=False, videos_dir=None):
         self.check_split(split)
@@ -105,17 +121,23 @@ class AVE(Dataset):
         return SplitListing(samples, {"classes": cats, "background": BACKGROUND})
 
     # ------------------------------------------------------------------ targets
+    def spec_extra(self, manifest):
+        return {"num_classes": len(manifest["label_vocab"]["classes"])}
+
     def target_shapes(self, spec):
         return {"segment_labels": ((spec.segments,), np.dtype(np.int64))}
 
     def target_encoder(self, spec):
         t = spec.segments
+        n = int(spec.extra.get("num_classes", BACKGROUND))
+        ok = set(range(n)) | {BACKGROUND}
 
         def fill(labels: dict, out: dict, i: int) -> None:
             seg = label_field(labels, "segment_labels")
-            if len(seg) != t or not all(0 <= int(x) <= BACKGROUND for x in seg):
-                raise LabelError("segment_labels",
-                                 f"expected {t} ints in 0..{BACKGROUND}, got {seg!r}")
+            if not isinstance(seg, list) or len(seg) != t or \
+                    not all(type(x) is int and x in ok for x in seg):
+                raise LabelError("segment_labels", f"expected {t} class indices in "
+                                 f"0..{n - 1} or {BACKGROUND} (background), got {seg!r}")
             out["segment_labels"][i] = seg
 
         return fill

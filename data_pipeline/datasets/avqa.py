@@ -17,7 +17,8 @@ import os
 
 import numpy as np
 
-from data_pipeline.datasets.base import Dataset, RawSample, SplitListing, register, unique_keys
+from data_pipeline.datasets.base import (Dataset, RawSample, SplitListing, read_text, register,
+                                         unique_keys)
 from data_pipeline.errors import LayoutError, SampleError
 from data_pipeline.sample import LabelError, label_field
 from data_pipeline.schema import sanitize_key
@@ -69,13 +70,15 @@ def parse_listish(value) -> list:
 
 def load_avqa_json(path: str) -> list[dict]:
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+        data = json.loads(read_text(path, "MUSIC-AVQA questions json"))
     except json.JSONDecodeError as e:
         raise LayoutError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(data, list):
         raise LayoutError(f"{path}: expected a JSON list of question objects")
     for i, entry in enumerate(data):
+        if not isinstance(entry, dict):
+            raise LayoutError(f"{path}: entry {i} is a {type(entry).__name__}, expected a "
+                              "question object")
         missing = [k for k in AVQA_FIELDS if k not in entry]
         if missing:
             raise LayoutError(f"{path}: entry {i} (question_id {entry.get('question_id')}) lacks "
@@ -87,12 +90,10 @@ def read_vocab_file(path: str) -> list[str]:
     """One entry per line; repeats dropped (ques_vocab.txt lists its 93 tokens twice)."""
     out: list[str] = []
     seen = set()
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            tok = line.rstrip("\n")
-            if tok and tok not in seen:
-                seen.add(tok)
-                out.append(tok)
+    for tok in read_text(path, "vocabulary file").splitlines():
+        if tok and tok not in seen:
+            seen.add(tok)
+            out.append(tok)
     return out
 
 

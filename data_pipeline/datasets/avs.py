@@ -143,13 +143,11 @@ class AVSBench(Dataset):
         masks[:] = 0
         for t in range(int(labels.get("num_masks", 0))):
             name = mask_member(t)
-            try:
-                m = decode_png_mask(bytes(members[name]))
+            try:  # the size is checked from the header, before decoding
+                m = decode_png_mask(bytes(members[name]), spec.mask_size)
             except Exception as e:
-                raise MemberError(name, f"does not decode as PNG ({type(e).__name__}: {e})") \
-                    from None
-            if m.shape != (spec.mask_size, spec.mask_size):
-                raise MemberError(name, f"mask is {m.shape}, manifest mask_size {spec.mask_size}")
+                raise MemberError(name, f"does not decode as a {spec.mask_size}x{spec.mask_size} "
+                                  f"PNG (manifest mask_size; {type(e).__name__}: {e})") from None
             masks[t] = m
 
     # ------------------------------------------------------------------ synthetic data

@@ -118,10 +118,15 @@ class AVVP(Dataset):
 
     def encode_extra(self, sample, opts):
         path, segments = sample.extra["features"], self.segments
-        feats = media.load_npy(path, sample.key, "R(2+1)D features")
+        feats = media.load_npy(path, sample.key, "R(2+1)D features",
+                               max_elements=segments * FEATURES_DIM)
         if feats.shape != (segments, FEATURES_DIM):
             raise SampleError(sample.key, path, f"R(2+1)D features must have shape "
                               f"({segments}, {FEATURES_DIM}), got {tuple(feats.shape)}")
+        if feats.dtype.kind not in "iuf" or not np.isfinite(feats).all():
+            raise SampleError(sample.key, path, f"R(2+1)D features must be finite numbers, got "
+                              f"dtype {feats.dtype}" + (" with NaN/inf values"
+                                                        if feats.dtype.kind == "f" else ""))
         return [(FEATURES_MEMBER, media.npy_bytes(feats.astype("float32")))]
 
     # ------------------------------------------------------------------ targets

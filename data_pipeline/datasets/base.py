@@ -35,6 +35,7 @@ synthetic data and tooling
 from __future__ import annotations
 
 import csv
+import io
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -46,6 +47,7 @@ from data_pipeline.errors import LayoutError, SampleError
 from data_pipeline.registry import Registry
 from data_pipeline.schema import (AUDIO_FLAC_MEMBER, AUDIO_NPY_MEMBER, LABELS_MEMBER, SAMPLE_RATE,
                                   frame_member)
+from data_pipeline.storage import not_a_regular_file
 
 if TYPE_CHECKING:
     from data_pipeline.pack import PackOptions
@@ -214,9 +216,28 @@ def uniform_indices(n: int, k: int) -> list[int]:
 
 
 def require_file(path: str, what: str) -> str:
+    problem = not_a_regular_file(path)
+    if problem:
+        raise LayoutError(f"{what}: {path} {problem}")
     if not os.path.isfile(path):
         raise LayoutError(f"{what} not found: expected the file {path}")
     return path
+
+
+def read_text(path: str, what: str = "annotation file") -> str:
+    """The UTF-8 text of an annotation file (a FIFO or directory is refused, never opened);
+    invalid UTF-8 is a ``LayoutError`` naming the file, the line and the byte."""
+    problem = not_a_regular_file(path)
+    if problem:
+        raise LayoutError(f"{what}: {path} {problem}")
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise LayoutError(f"{path}:{line}: {what} is not valid UTF-8 (byte {data[e.start]:#04x} "
+                          f"at offset {e.start}; save it as UTF-8)") from None
 
 
 def unique_keys(samples: list[RawSample], where: str) -> None:
@@ -237,8 +258,7 @@ def unique_keys(samples: list[RawSample], where: str) -> None:
 
 def read_tsv(path: str, header: list[str]) -> list[tuple[int, list[str]]]:
     """(line number, fields) of a tab-separated file whose header must be ``header``."""
-    with open(path, encoding="utf-8", newline="") as f:
-        rows = list(csv.reader(f, delimiter="\t"))
+    rows = list(csv.reader(io.StringIO(read_text(path), newline=""), delimiter="\t"))
     if not rows or [h.strip() for h in rows[0]] != header:
         got = rows[0] if rows else "an empty file"
         raise LayoutError(f"{path}: expected a tab-separated header {header}, got {got}")
@@ -255,8 +275,7 @@ def read_tsv(path: str, header: list[str]) -> list[tuple[int, list[str]]]:
 
 def read_csv_rows(path: str) -> tuple[list[str], list[tuple[int, list[str]]]]:
     """(header, [(line number, fields)]) of a comma-separated file."""
-    with open(path, encoding="utf-8", newline="") as f:
-        rows = list(csv.reader(f))
+    rows = list(csv.reader(io.StringIO(read_text(path), newline="")))
     if not rows:
         raise LayoutError(f"{path}: empty csv (expected a header with a 'split' column)")
     header = [h.strip() for h in rows[0]]
