@@ -118,7 +118,7 @@ def format_results(r: dict[str, Any]) -> str:
 
 
 def main(task_name: str, argv: list[str] | None = None) -> int:
-    from avmoe.ray_env import apply_loopback_env
+    from avmoe.ray_env import apply_loopback_env, on_cluster
 
     # before anything imports Ray: an embedded run stays on loopback (no-op on a cluster)
     apply_loopback_env()
@@ -130,6 +130,9 @@ def main(task_name: str, argv: list[str] | None = None) -> int:
         if synthetic:
             # check everything but the data before generating it
             TrainConfig.from_dict(tcfg.to_dict()).apply({"data": "unused"}).validate()
+            from avmoe.train.resources import check_resources
+
+            check_resources(tcfg)
             from data_pipeline.demo import prepare_demo_shards
 
             dataset = tcfg.get_task().dataset
@@ -147,6 +150,14 @@ def main(task_name: str, argv: list[str] | None = None) -> int:
         print(json.dumps(d, indent=1))
         return 0
     connect(tcfg)
+    if on_cluster():
+        from avmoe.train.resources import check_resources
+
+        try:  # now that the cluster's size is known; before fit() takes anything
+            check_resources(tcfg)
+        except ConfigError as e:
+            print(f"config error: {e}", file=sys.stderr)
+            return 2
     results = fit(tcfg, prepared=True)
     print(format_results(results))
     print(f"[{task_name}] done in {time.perf_counter() - t0:.0f} s")

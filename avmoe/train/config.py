@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping
@@ -141,6 +142,56 @@ class TelemetryConfig(Config):
     metrics_address: str | None = None  # None = telemetry's default bind address
     metrics_port: int | None = None  # None = telemetry's default; 0 = any free port
     metrics_sd_dir: str | None = None  # Prometheus file-SD directory; None = $AVMOE_METRICS_SD_DIR or its default, "" = none
+
+    def check(self, prefix: str = "") -> None:
+        # the workers read the AVMOE_METRICS_* settings the driver forwards: check them here
+        import os
+
+        if self.metrics_port is not None:
+            _check_port(f"{prefix}metrics_port", self.metrics_port)
+        if self.metrics_address is not None:
+            _check_address(f"{prefix}metrics_address", self.metrics_address)
+        env = os.environ
+        if env.get("AVMOE_METRICS_ADDR"):
+            _check_address("AVMOE_METRICS_ADDR", env["AVMOE_METRICS_ADDR"])
+        base = _env_int("AVMOE_METRICS_PORT", env.get("AVMOE_METRICS_PORT"))
+        slots = _env_int("AVMOE_METRICS_PORT_SLOTS", env.get("AVMOE_METRICS_PORT_SLOTS"))
+        if base is not None:
+            _check_port("AVMOE_METRICS_PORT", base)
+        if slots is not None and (slots < 1 or (base or 0) + slots - 1 > 65535):
+            raise ConfigError(f"AVMOE_METRICS_PORT_SLOTS must be >= 1 and keep the ports within "
+                              f"65535; got {slots}")
+
+
+_HOSTNAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+                       r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*")
+
+
+def _check_port(key: str, port: int) -> None:
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"{key} must be a TCP port in 1..65535 (0 = any free port); got {port}")
+
+
+def _check_address(key: str, value: str) -> None:
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(value)
+        return
+    except ValueError:
+        pass
+    if not _HOSTNAME.fullmatch(value):
+        raise ConfigError(f"{key} must be an IP address or a host name to bind (no scheme, no "
+                          f"port: the port is metrics_port); got {value!r}")
+
+
+def _env_int(key: str, text: str | None) -> int | None:
+    if text is None or text == "":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigError(f"{key} must be an integer; got {text!r}") from None
 
 
 @dataclass

@@ -72,6 +72,17 @@ def _eval_only_config(tcfg: TrainConfig) -> TrainConfig:
     return tcfg
 
 
+def _check_one_global_batch(tcfg: TrainConfig, manifest: dict[str, Any]) -> None:
+    """Every training step takes one batch per worker (drop_last): a split smaller than that
+    would train on nothing."""
+    batch, workers = tcfg.resolved_optim().batch_size, tcfg.scale.workers
+    n = int(manifest["num_samples"])
+    if n < batch * workers:
+        raise ConfigError(f"batch_size: {batch} per worker x {workers} workers = {batch * workers} "
+                          f"samples per step, but the {tcfg.paths.train_split} split at "
+                          f"{tcfg.paths.data} has {n}; lower --batch-size or --workers")
+
+
 def prepare(tcfg: TrainConfig) -> TrainConfig:
     """Validate and complete ``tcfg`` on the driver (no Ray). Returns a new config."""
     tcfg = TrainConfig.from_dict(tcfg.to_dict())  # a private copy
@@ -87,6 +98,11 @@ def prepare(tcfg: TrainConfig) -> TrainConfig:
         if m["dataset"] != task.dataset:
             raise ConfigError(f"data: the {split} shards at {p.data} are {m['dataset']!r} data "
                               f"(manifest 'dataset'); this job trains {task.dataset!r}")
+    if not tcfg.evaluation.eval_only:
+        _check_one_global_batch(tcfg, manifests[p.train_split])
+    from avmoe.train.resources import check_resources
+
+    check_resources(tcfg)  # before any Ray resource: --workers this machine / cluster can hold
     derived = task.model_keys(manifests[splits[0]])
     user = tcfg.task_config()  # the user's values, parsed
     for key, value in derived.items():
