@@ -47,6 +47,9 @@ def find_sample(url: str, key: str | None, split: str | None = None) -> tuple[st
             if key is not None and key not in entry["keys"]:
                 continue
             shard = storage.join(path, entry["name"])
+            problem = storage.not_a_regular_file(shard) if storage.is_local_fs(fs) else None
+            if problem:  # a FIFO would block the read forever
+                raise ShardError(f"{shard}: {problem}")
             with fs.open(shard, "rb") as f:
                 try:
                     for k, members in iter_tar_samples(io.BufferedReader(f, 1 << 20), shard):

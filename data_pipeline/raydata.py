@@ -33,6 +33,10 @@ def read_split(url: str, split: str = "train", *, read_concurrency: int | None =
     fs, base = storage.filesystem(url, **(storage_options or {}))
     paths = [storage.join(base, s["name"]) for s in manifest["shards"]]
     if storage.is_local(url):
+        for p in paths:  # a FIFO in place of a shard would block a read task forever
+            problem = storage.not_a_regular_file(p)
+            if problem:
+                raise IngestError(f"{p}: {problem}", shard=p)
         filesystem = pafs.LocalFileSystem()
     else:
         filesystem = pafs.PyFileSystem(pafs.FSSpecHandler(fs))

@@ -195,6 +195,11 @@ def test_verify_never_blocks_on_a_fifo(good, tmp_path, what):  # noqa: F811
     kind = "a FIFO" if what.endswith("fifo") else "a directory"
     assert proc.returncode == 1 and f"is {kind}, not a regular file" in proc.stderr, proc.stderr
     assert target.name in proc.stderr and "Traceback" not in proc.stderr
+    # inspect reads the same files
+    proc = subprocess.run([sys.executable, "-m", "data_pipeline", "inspect", str(url), "--key",
+                           manifest["shards"][1]["keys"][0], "--png", str(tmp_path / "x.png")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and f"is {kind}, not a regular file" in proc.stderr, proc.stderr
 
 
 @pytest.mark.timeout(180)
