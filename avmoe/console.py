@@ -1,0 +1,100 @@
+"""What a person sees on the console: Ray's, DeepSpeed's and torch's chatter off unless verbose.
+
+A job prints its own progress (``avmoe.train.progress``) and its results; the libraries it runs
+on print a great deal more (Ray Train's per-report lines, Ray Data's execution summaries,
+DeepSpeed's op-load lines twice per rank, c10d's socket warnings, deprecation warnings). With
+``--verbose`` (``AVMOE_VERBOSE=1``) all of it comes back.
+
+``quiet_process()`` quiets this process; ``setup_worker_process`` is the same for every Ray
+worker process of the job (tasks and actors: Ray Train's controller and workers, Ray Data's
+decode tasks), installed as Ray's ``worker_process_setup_hook`` by ``job_runtime_env()``.
+Warnings and errors always get through.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import sys
+import warnings
+from typing import Iterator
+
+VERBOSE_ENV = "AVMOE_VERBOSE"
+
+# logger -> level while quiet (WARNING keeps real problems visible)
+QUIET_LEVELS = {
+    "ray": logging.WARNING,
+    "ray.train": logging.WARNING,
+    "ray.data": logging.WARNING,
+    "ray.tune": logging.WARNING,
+    # polls the state API every few seconds and warns each time it is unavailable (an embedded
+    # Ray has no dashboard); the placement group goes with the Ray instance anyway
+    "ray.train.v2._internal.execution.controller.placement_group_cleaner": logging.ERROR,
+    "DeepSpeed": logging.WARNING,
+    "torch.distributed": logging.WARNING,
+    "avmoe.train": logging.WARNING,  # the progress display says the same, once
+}
+
+# environment of the job's processes while quiet: torch's C++ (c10d) warnings
+QUIET_ENV = {"TORCH_CPP_LOG_LEVEL": "ERROR"}
+
+
+def verbose() -> bool:
+    return os.environ.get(VERBOSE_ENV, "0").lower() in ("1", "true", "yes", "on")
+
+
+def quiet_process() -> None:
+    """Quiet the libraries' loggers and warnings in this process (no-op when verbose)."""
+    if verbose():
+        return
+    for name, level in QUIET_LEVELS.items():
+        logging.getLogger(name).setLevel(level)
+    for category in (DeprecationWarning, FutureWarning, PendingDeprecationWarning):
+        warnings.filterwarnings("ignore", category=category)
+    # noise of the stack that is not a problem of the job: torch's "Converting a tensor with
+    # requires_grad", Ray Data's pandas reset_index, timm's registry overwrites
+    warnings.filterwarnings("ignore", message=".*requires_grad=True to a scalar.*")
+    warnings.filterwarnings("ignore", message=".*inplace keyword.*")
+
+
+def setup_worker_process() -> None:
+    """Ray's ``worker_process_setup_hook`` of avmoe jobs."""
+    quiet_process()
+
+
+def job_runtime_env() -> dict:
+    """The runtime_env a job passes to ``ray.init`` (merged with a ``ray job submit`` one)."""
+    env = {VERBOSE_ENV: "1" if verbose() else "0"}
+    if not verbose():
+        env.update(QUIET_ENV)
+    return {"worker_process_setup_hook": "avmoe.console.setup_worker_process", "env_vars": env}
+
+
+@contextlib.contextmanager
+def captured_stdout() -> Iterator[io.StringIO]:
+    """Swallow what a library prints (DeepSpeed's op-load lines) unless verbose; what it
+    printed goes to stderr if the block raises."""
+    if verbose():
+        yield io.StringIO()
+        return
+    buf = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buf):
+            yield buf
+    except BaseException:
+        sys.stderr.write(buf.getvalue())
+        raise
+
+
+def metric_table(metrics: dict[str, float], indent: str = "    ", width: int = 3) -> str:
+    """A long metric dict as aligned columns (AVQA's nine subtypes, AVVP's ten F1s); ``nan``
+    marks a metric that could not be computed (e.g. no question of that type in the split)."""
+    items = [(k, "nan" if v != v else f"{v:.4f}") for k, v in metrics.items()]
+    if not items:
+        return indent + "(none)"
+    kw = max(len(k) for k, _ in items)
+    cells = [f"{k:<{kw}}  {v:>6}" for k, v in items]
+    rows = [cells[i:i + width] for i in range(0, len(cells), width)]
+    return "\n".join(indent + "   ".join(r) for r in rows)
