@@ -35,6 +35,8 @@ QUIET_LEVELS = {
     "DeepSpeed": logging.WARNING,
     "torch.distributed": logging.WARNING,
     "avmoe.train": logging.WARNING,  # the progress display says the same, once
+    "avmoe.telemetry": logging.WARNING,
+    "torch.utils.cpp_extension": logging.ERROR,  # "No CUDA runtime is found" on CPU workers
 }
 
 # environment of the job's processes while quiet: torch's C++ (c10d) warnings
@@ -45,12 +47,44 @@ def verbose() -> bool:
     return os.environ.get(VERBOSE_ENV, "0").lower() in ("1", "true", "yes", "on")
 
 
+class _LibraryInfoFilter(logging.Filter):
+    """Drops records below WARNING from Ray's loggers and from the root logger. Ray Train
+    turns every ``print`` of a training worker into a root-logger INFO record (its
+    ``patch_print``): DeepSpeed's op-load lines among them. Our own output does not come from
+    there: the progress goes through ``avmoe.train.progress``."""
+
+    _RAY_FILES = os.sep + "ray" + os.sep  # Ray Train names some loggers by file path
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        name = record.name
+        noisy = name in ("root", "ray") or name.startswith("ray.") or self._RAY_FILES in name
+        return record.levelno >= logging.WARNING or not noisy
+
+
+_FILTER = _LibraryInfoFilter()
+
+
 def quiet_process() -> None:
-    """Quiet the libraries' loggers and warnings in this process (no-op when verbose)."""
+    """Quiet the libraries' loggers and warnings in this process (no-op when verbose). Call it
+    again after a library reconfigures logging (Ray Train does, in its worker processes)."""
     if verbose():
         return
     for name, level in QUIET_LEVELS.items():
         logging.getLogger(name).setLevel(level)
+    # Ray Train sets "ray.train" to DEBUG in its processes; the modules' own loggers keep a
+    # level of their own (a record is dropped where it is made)
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith(("ray.train.", "ray.data.")):
+            logging.getLogger(name).setLevel(max(logging.WARNING, QUIET_LEVELS.get(name, 0)))
+    for name in ("", "ray", "ray.train", "ray.data"):
+        for handler in logging.getLogger(name).handlers:
+            if _FILTER not in handler.filters:
+                handler.addFilter(_FILTER)
+    if "ray" in sys.modules:  # (never the first import of Ray: its settings are read then)
+        # Ray Data warns once per process that its progress bars are off (the ingest turns them off)
+        from ray.util.debug import log_once
+
+        log_once("ray_data_progress_manager_disabled")
     for category in (DeprecationWarning, FutureWarning, PendingDeprecationWarning):
         warnings.filterwarnings("ignore", category=category)
     # noise of the stack that is not a problem of the job: torch's "Converting a tensor with

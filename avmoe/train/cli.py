@@ -178,12 +178,13 @@ def resume_command(task_name: str, argv: list[str], name: str, storage: str) -> 
     return cmd
 
 
-def format_results(r: dict[str, Any]) -> str:
+def format_results(r: dict[str, Any], history: bool = True) -> str:
+    """The results summary; ``history=False`` when the progress display printed the epochs."""
     from avmoe.console import metric_table
 
     primary = r["primary_metric"]
     lines = [f"run {r['run_name']} ({r['task']}, {r['world_size']} workers, ZeRO {r['zero_stage']})"]
-    for h in r.get("history", []):
+    for h in r.get("history", []) if history else []:
         lines.append(f"  epoch {h['epoch']:3d}  step {h['step']:6d}  train_loss {h['train_loss']:.4f}  "
                      f"val {primary} {h['val'].get(primary, float('nan')):.4f}")
     b = r.get("best") or {}
@@ -216,9 +217,9 @@ def main(task_name: str, argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--verbose" in argv:
         os.environ[VERBOSE_ENV] = "1"
-    quiet_process()
     # before anything imports Ray: an embedded run stays on loopback (no-op on a cluster)
     apply_loopback_env()
+    quiet_process()
     from avmoe.train.driver import fit, prepare
 
     t0 = time.perf_counter()
@@ -254,6 +255,6 @@ def main(task_name: str, argv: list[str] | None = None) -> int:
     print(f"[{task_name}] run {name}: results in {tcfg.paths.storage}/{name}; to continue it: "
           f"{resume_command(task_name, argv, name, tcfg.paths.storage)}", flush=True)
     results = fit(tcfg, prepared=True, progress=True)
-    print(format_results(results))
+    print(format_results(results, history=False))
     print(f"[{task_name}] done in {time.perf_counter() - t0:.0f} s")
     return 0

@@ -142,8 +142,10 @@ def fit(tcfg: TrainConfig, *, prepared: bool = False, trainer_cls=None, progress
     (results.json's content). ``trainer_cls``: a ``Trainer`` subclass for the workers;
     ``progress``: draw rank 0's progress on this process's console (avmoe.train.progress)."""
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
+
+    from avmoe.console import verbose
 
     from avmoe.train.trainer import train_worker
 
@@ -171,7 +173,8 @@ def fit(tcfg: TrainConfig, *, prepared: bool = False, trainer_cls=None, progress
                 checkpoint_config=CheckpointConfig(num_to_keep=tcfg.checkpoint.keep_checkpoints,
                                                    checkpoint_score_attribute="select_score",
                                                    checkpoint_score_order="max"),
-                worker_runtime_env={"env_vars": worker_env(tcfg)}),
+                worker_runtime_env={"env_vars": worker_env(tcfg)},
+                logging_config=LoggingConfig(log_level="INFO" if verbose() else "WARNING")),
         )
         assert ray.is_initialized()
         trainer.fit()  # raises on failure (after max_failures restarts)

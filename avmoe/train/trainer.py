@@ -523,5 +523,5 @@ def train_worker(config: dict[str, Any]) -> None:
     from avmoe.train.session import RaySession
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    quiet_process()
+    quiet_process()  # (after Ray Train configured this worker's logging)
     (config.get("trainer_cls") or Trainer)(config, RaySession()).run()
