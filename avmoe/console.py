@@ -122,13 +122,27 @@ def captured_stdout() -> Iterator[io.StringIO]:
         raise
 
 
-def metric_table(metrics: dict[str, float], indent: str = "    ", width: int = 3) -> str:
-    """A long metric dict as aligned columns (AVQA's nine subtypes, AVVP's ten F1s); ``nan``
-    marks a metric that could not be computed (e.g. no question of that type in the split)."""
-    items = [(k, "nan" if v != v else f"{v:.4f}") for k, v in metrics.items()]
-    if not items:
-        return indent + "(none)"
-    kw = max(len(k) for k, _ in items)
-    cells = [f"{k:<{kw}}  {v:>6}" for k, v in items]
-    rows = [cells[i:i + width] for i in range(0, len(cells), width)]
-    return "\n".join(indent + "   ".join(r) for r in rows)
+def metric_table(metrics: dict[str, float], indent: str = "    ") -> str:
+    """A long metric dict as aligned rows: ``group/name`` keys (AVQA's question types and
+    subtypes) one row per group with the group's own value last; other keys four to a row.
+    ``nan`` marks a metric that could not be computed (no sample of that kind in the split)."""
+    def fmt(v: float) -> str:
+        return "nan" if v != v else f"{v:.4f}"
+
+    groups: dict[str, list[tuple[str, float]]] = {}
+    for k, v in metrics.items():
+        if "/" in k:
+            g, _, sub = k.partition("/")
+            groups.setdefault(g, []).append((sub, v))
+    rest = [(k, v) for k, v in metrics.items() if "/" not in k and k not in groups]
+    lines = []
+    if groups:
+        gw = max(len(g) for g in groups)
+        sw = max(len(sub) for subs in groups.values() for sub, _ in subs)
+        for g, subs in groups.items():
+            cells = "   ".join(f"{sub:<{sw}} {fmt(v):>6}" for sub, v in subs)
+            total = f"   (all {fmt(metrics[g])})" if g in metrics else ""
+            lines.append(f"{indent}{g:<{gw}}  {cells}{total}")
+    for i in range(0, len(rest), 4):
+        lines.append(indent + "   ".join(f"{k} {fmt(v)}" for k, v in rest[i:i + 4]))
+    return "\n".join(lines) if lines else indent + "(none)"

@@ -125,7 +125,11 @@ def connect(tcfg: TrainConfig) -> None:
         return
     quiet = {} if verbose() else {"logging_level": logging.WARNING}
     if on_cluster():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or "auto", runtime_env=job_runtime_env(), **quiet)
+        runtime_env = job_runtime_env()
+        if os.environ.get("RAY_ADDRESS"):  # Ray Train's placement-group watchdog resolves the cluster
+            # through the state API; with several Ray instances on one machine it needs the address
+            runtime_env["env_vars"]["RAY_ADDRESS"] = os.environ["RAY_ADDRESS"]
+        ray.init(address=os.environ.get("RAY_ADDRESS") or "auto", runtime_env=runtime_env, **quiet)
         return
     need = tcfg.scale.workers * tcfg.scale.cpus_per_worker
     # one logical CPU more than the workers hold, so the ingest's decode tasks can run beside them
@@ -183,7 +187,7 @@ def format_results(r: dict[str, Any], history: bool = True) -> str:
     from avmoe.console import metric_table
 
     primary = r["primary_metric"]
-    lines = [f"run {r['run_name']} ({r['task']}, {r['world_size']} workers, ZeRO {r['zero_stage']})"]
+    lines = [f"run {r['run_name']} ({r['task']}, {r['world_size']} workers, ZeRO {r['zero_stage']})"] if history else []
     for h in r.get("history", []) if history else []:
         lines.append(f"  epoch {h['epoch']:3d}  step {h['step']:6d}  train_loss {h['train_loss']:.4f}  "
                      f"val {primary} {h['val'].get(primary, float('nan')):.4f}")
@@ -196,13 +200,12 @@ def format_results(r: dict[str, Any], history: bool = True) -> str:
         if key not in r:
             continue
         m = r[key]
+        note = " (nan: no sample of that kind in the split)" if any(v != v for v in m.values()) else ""
         if len(m) <= 3:
-            lines.append(f"  {title}: " + ", ".join(f"{k} {v:.4f}" for k, v in m.items()))
+            lines.append(f"  {title}: " + ", ".join(f"{k} {v:.4f}" for k, v in m.items()) + note)
         else:
-            lines.append(f"  {title}:")
+            lines.append(f"  {title}{note}:")
             lines.append(metric_table(m))
-        if any(v != v for v in m.values()):
-            lines.append("    (nan: no sample of that kind in the split)")
     if r.get("stopped_at_max_steps"):
         lines.append("  stopped at max_steps: run again with the same --name to continue")
     if r.get("results_dir"):
@@ -245,16 +248,16 @@ def main(task_name: str, argv: list[str] | None = None) -> int:
             dataset = tcfg.get_task().dataset
             tcfg.paths.data = prepare_demo_shards(dataset, root=demo_data_root(tcfg), log=lambda *_: None)
             tcfg = prepare(tcfg)
-            print(f"[{task_name}] no --data: the embedded demo -- synthetic {dataset} shards at {tcfg.paths.data}, "
-                  f"preset {tcfg.preset}, {tcfg.scale.workers} CPU workers")
+            print(f"[{task_name}] no --data: the embedded demo (synthetic {dataset} shards at {tcfg.paths.data}, "
+                  f"tiny preset)")
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     name = tcfg.run_name()
     tcfg.paths.name = name
-    print(f"[{task_name}] run {name}: results in {tcfg.paths.storage}/{name}; to continue it: "
-          f"{resume_command(task_name, argv, name, tcfg.paths.storage)}", flush=True)
+    where = "GPU" if tcfg.scale.gpus_per_worker else "CPU"
+    print(f"[{task_name}] run {name} on {tcfg.scale.workers} {where} workers, ZeRO {tcfg.deepspeed.zero_stage}; "
+          f"to continue it: {resume_command(task_name, argv, name, tcfg.paths.storage)}", flush=True)
     results = fit(tcfg, prepared=True, progress=True)
-    print(format_results(results, history=False))
-    print(f"[{task_name}] done in {time.perf_counter() - t0:.0f} s")
+    print(format_results(results, history=False) + f"; done in {time.perf_counter() - t0:.0f} s")
     return 0

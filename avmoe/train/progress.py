@@ -29,11 +29,12 @@ class ProgressPrinter:
             from tqdm import tqdm
 
             self.close_bar()
-            # (not a terminal, e.g. `ray job submit`'s log: the bar redraws in place with "\r" and
-            # ends its line once, so a terminal tailing the log shows it live and the log stays short)
+            # not a terminal (a job's log, which Ray streams line by line, "\r" included): a bar
+            # line only every 30 s and none for an epoch shorter than that; the epoch line says it
             self.bar = tqdm(total=e["steps"], initial=e.get("done", 0), desc=f"epoch {e['epoch'] + 1}/{e['epochs']}",
                             unit="step", file=self.file, dynamic_ncols=self.tty, ncols=None if self.tty else 110,
-                            mininterval=0.5 if self.tty else 2.0, leave=True, disable=False)
+                            mininterval=0.5 if self.tty else 30.0, delay=0 if self.tty else 30.0,
+                            leave=self.tty, disable=False)
         elif kind == "step" and self.bar is not None:
             self.bar.set_postfix_str(f"loss {e['loss']:.4f}, {e['samples_per_s']:.1f} samples/s, "
                                      f"data wait {100 * e['data_wait']:.0f}%", refresh=False)

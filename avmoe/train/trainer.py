@@ -442,9 +442,10 @@ class Trainer:
                            seconds=time.perf_counter() - self._t_epoch)
         self.save(name, score if not math.isnan(score) else NO_SCORE, {"train_loss": tl[0], f"val_{primary}": score})
 
-    def validate(self, stream=None, drop: str | None = None) -> EvalResult:
+    def validate(self, stream=None, drop: str | None = None, keep_frames: int = 0) -> EvalResult:
         return evaluate(self.engine, self.task, self.cfg, stream or self.val_stream, device=self.device, drop=drop,
-                        limit=self.tcfg.loop.limit_eval_batches, zero3=self.tcfg.deepspeed.zero_stage == 3)
+                        limit=self.tcfg.loop.limit_eval_batches, zero3=self.tcfg.deepspeed.zero_stage == 3,
+                        keep_frames=keep_frames)
 
     def save(self, dir_name: str, score: float, extra_metrics: dict[str, Any]) -> None:
         t0 = time.perf_counter()
@@ -484,10 +485,8 @@ class Trainer:
                 with self.session.open_checkpoint(st.best_checkpoint) as d:
                     ckpt_io.load(self.engine, d, self.rank)
             # (no finite validation score, best_checkpoint None: the last weights are tested)
-            which = f"the best checkpoint ({st.best_checkpoint})" if st.best_checkpoint else "the final weights"
-            self.progress.emit("message", text=f"testing {which} on the {tcfg.paths.test_split} split")
             test_stream = self.make_stream(tcfg.paths.test_split, self.batch_size, False, False)
-            test = self.validate(test_stream)
+            test = self.validate(test_stream, keep_frames=6 if tcfg.evaluation.plots else 0)
             results["test"] = test.metrics
             results["test_checkpoint"] = self.eval_source or st.best_checkpoint or self.checkpoint_name()
             test_items = test.items
