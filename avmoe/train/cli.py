@@ -126,14 +126,28 @@ def connect(tcfg: TrainConfig) -> None:
     quiet = {} if verbose() else {"logging_level": logging.WARNING}
     if on_cluster():
         runtime_env = job_runtime_env()
-        if os.environ.get("RAY_ADDRESS"):  # Ray Train's placement-group watchdog resolves the cluster
-            # through the state API; with several Ray instances on one machine it needs the address
+        if os.environ.get("RAY_ADDRESS"):  # (see below: the watchdog's state API address)
             runtime_env["env_vars"]["RAY_ADDRESS"] = os.environ["RAY_ADDRESS"]
         ray.init(address=os.environ.get("RAY_ADDRESS") or "auto", runtime_env=runtime_env, **quiet)
         return
     need = tcfg.scale.workers * tcfg.scale.cpus_per_worker
+    # The dashboard (on 127.0.0.1) serves the state API that Ray Train's placement-group watchdog
+    # polls; the job's processes are told its address, which they cannot guess when several Ray
+    # instances run on one machine.
+    runtime_env = job_runtime_env()
+    dashboard_port = _free_port()
+    runtime_env["env_vars"]["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard_port}"
     # one logical CPU more than the workers hold, so the ingest's decode tasks can run beside them
-    init_local_ray(num_cpus=int(max(os.cpu_count() or 1, need + 1)), runtime_env=job_runtime_env(), **quiet)
+    init_local_ray(num_cpus=int(max(os.cpu_count() or 1, need + 1)), runtime_env=runtime_env,
+                   include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=dashboard_port, **quiet)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def check_cluster(tcfg: TrainConfig) -> None:
