@@ -295,6 +295,8 @@ def describe_key(key: str, task=None) -> str:
         return f"{text}; default: $AVMOE_STORAGE, else ~/.local/share/avmoe/runs"
     if key == "data":
         return f"{text} (shard URL); default: none = the embedded demo (synthetic data)"
+    if key == "name":
+        return f"{text}; default: generated (<task>-<preset>-<date>-<time>); an existing run's name resumes it"
     return f"{text}; default: {default!r}"
 
 
