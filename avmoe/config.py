@@ -168,7 +168,12 @@ def parse_text(key: str, text: str, tp) -> Any:
                 candidates.append(float(text))
             elif origin in (tuple, list, dict) or arm in (tuple, list, dict) or (
                     isinstance(arm, type) and is_dataclass(arm)):
-                v = json.loads(text)
+                try:
+                    v = json.loads(text)
+                except json.JSONDecodeError:
+                    if not (origin is dict or arm is dict) or "=" not in text:
+                        raise
+                    v = _key_values(text)  # "ingest=1,CPU=0.5"
                 if type_ok(v, arm):
                     candidates.append(tuple(v) if origin is tuple else v)
             elif arm is str or arm is Any:
@@ -178,6 +183,20 @@ def parse_text(key: str, text: str, tp) -> Any:
     if not candidates:
         raise ConfigError(f"{key} must be {describe(tp)}; got {text!r}")
     return candidates[0]
+
+
+def _key_values(text: str) -> dict[str, Any]:
+    """``"a=1,b=x"`` -> ``{"a": 1, "b": "x"}`` (values JSON where they parse)."""
+    out: dict[str, Any] = {}
+    for item in text.split(","):
+        k, sep, v = item.partition("=")
+        if not sep or not k.strip():
+            raise ValueError(item)
+        try:
+            out[k.strip()] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k.strip()] = v.strip()
+    return out
 
 
 def coerce(key: str, value: Any, tp) -> Any:

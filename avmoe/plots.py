@@ -1,22 +1,29 @@
-"""PNG plots of a run (matplotlib, Agg backend: no display needed).
+"""PNG plots of a run (matplotlib, Agg backend: no display needed). Every plot is titled with
+the run, the split and the epoch it shows.
 
-Every run: ``curves.png`` (training loss and the validation metric per epoch) and
-``router_usage.png`` (mean routing weight of every expert in every MoE adapter, heat map).
-Pictures of the test predictions are the task's (``Task.plot_predictions``), drawn with the
-helpers below:
+Every run: ``curves.png`` (training loss and the validation metric per epoch, the best epoch
+marked) and ``router_usage.png`` (mean routing weight of every expert of every MoE adapter:
+rows = adapter (paired block, position p1 around attention / p2 around the FFN, modality),
+columns = experts named by kind, CMA = cross-modal, UA = unimodal). Pictures of the test
+predictions are the task's (``Task.plot_predictions``), drawn with the helpers below:
 
-* ``plot_segment_timelines`` -- per-segment class prediction vs ground truth (AVE);
-* ``plot_event_maps`` -- audio / visual event maps (class x segment), predicted vs truth (AVVP);
-* ``plot_masks`` -- predicted mask over the ground truth (true positive green, false positive
-  red, missed blue) (AVS).
+* ``plot_segment_timelines`` -- per-segment class, truth above prediction, classes named in a
+  colour legend (AVE);
+* ``plot_event_maps`` -- audio and visual event maps (class x second) of prediction against
+  truth: green both, red predicted only, blue missed; the classes named (AVVP);
+* ``plot_masks`` -- the predicted mask over the video frame: green true positive, red false
+  positive, blue missed (AVS).
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
+
+FRAMES = "_frames"  # avmoe.train.evaluate.FRAMES: an item's input frames, when kept
+TP, FP, FN = (0.15, 0.75, 0.2), (0.9, 0.15, 0.1), (0.15, 0.35, 0.95)
 
 
 def _plt():
@@ -31,91 +38,170 @@ def _plt():
 def _save(fig, out: str, name: str) -> str:
     fig.tight_layout()
     path = os.path.join(out, name)
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=110)
     _plt().close(fig)
     return path
 
 
-def plot_curves(results: dict[str, Any], out: str) -> str | None:
+def _legend_patches(entries: Sequence[tuple[str, Any]]):
+    from matplotlib.patches import Patch
+
+    return [Patch(facecolor=c, edgecolor="none", label=label) for label, c in entries]
+
+
+def plot_curves(results: dict[str, Any], out: str, title: str = "") -> str | None:
     hist = results.get("history") or []
     if not hist:
         return None
     plt = _plt()
     primary = results["primary_metric"]
     ep = [h["epoch"] for h in hist]
-    fig, ax = plt.subplots(1, 2, figsize=(9, 3.2))
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
     ax[0].plot(ep, [h["train_loss"] for h in hist], "o-")
-    ax[0].set(title="training loss", xlabel="epoch")
-    ax[1].plot(ep, [h["val"].get(primary, np.nan) for h in hist], "o-", color="C1")
+    ax[0].set(title="training loss", xlabel="epoch", ylabel="loss (mean over the epoch)")
+    ax[1].plot(ep, [h["val"].get(primary, np.nan) for h in hist], "o-", color="C1", label=f"validation {primary}")
     best = results.get("best", {}).get("epoch")
     if best is not None:
-        ax[1].axvline(best, ls="--", color="gray", label="best (val)")
-        ax[1].legend()
-    ax[1].set(title=f"validation {primary}", xlabel="epoch")
+        ax[1].axvline(best, ls="--", color="gray", label=f"best: epoch {best}")
+    ax[1].legend(fontsize=8)
+    ax[1].set(title=f"validation {primary}", xlabel="epoch", ylabel=primary)
+    from matplotlib.ticker import MaxNLocator
+
+    for a in ax:
+        a.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.suptitle(title or results.get("run_name", ""), fontsize=10)
     return _save(fig, out, "curves.png")
 
 
-def plot_router(usage: dict[str, list[float]], out: str) -> str | None:
+def _adapter_sort_key(name: str):
+    # b{k}_{p1|p2}_{visual|audio}: modality, then block, then position
+    parts = name.split("_")
+    block = int(parts[0][1:]) if parts and parts[0][1:].isdigit() else 0
+    return (parts[-1] if len(parts) > 2 else "", block, parts[1] if len(parts) > 1 else "", name)
+
+
+def plot_router(usage: dict[str, list[float]], out: str, title: str = "", num_cma: int | None = None,
+                num_ua: int | None = None) -> str | None:
+    """Rows: adapters (``b{block}_{p1|p2}_{modality}``); columns: experts in router order (the
+    ``num_cma`` cross-modal ones first, then the ``num_ua`` unimodal ones)."""
     if not usage:
         return None
     plt = _plt()
-    names = sorted(usage)
+    names = sorted(usage, key=_adapter_sort_key)
     width = max(len(v) for v in usage.values())
     m = np.full((len(names), width), np.nan)
     for i, n in enumerate(names):
         m[i, :len(usage[n])] = usage[n]
-    fig, ax = plt.subplots(figsize=(2 + 0.6 * width, 1 + 0.22 * len(names)))
+    if num_cma is not None and num_ua is not None and num_cma + num_ua == width:
+        cols = [f"CMA {j + 1}" for j in range(num_cma)] + [f"UA {j + 1}" for j in range(num_ua)]
+    else:
+        cols = [f"expert {j + 1}" for j in range(width)]
+    rows = [n.replace("_p1_", " p1 (attn) ").replace("_p2_", " p2 (FFN) ") for n in names]
+    fig, ax = plt.subplots(figsize=(3.4 + 1.1 * width, 1.4 + 0.26 * len(names)))
     im = ax.imshow(m, aspect="auto", cmap="viridis", vmin=0, vmax=1)
-    ax.set_yticks(range(len(names)), names, fontsize=6)
-    ax.set_xticks(range(width), [f"e{j}" for j in range(width)])
-    ax.set_title("router: mean expert weight")
-    fig.colorbar(im, ax=ax)
+    ax.set_yticks(range(len(names)), rows, fontsize=8)
+    ax.set_xticks(range(width), cols, fontsize=9)
+    ax.set_xlabel("expert (CMA = cross-modal adapter, UA = unimodal adapter)", fontsize=8)
+    ax.set_ylabel("adapter: paired block, position, modality", fontsize=8)
+    for i in range(len(names)):
+        for j in range(width):
+            if not np.isnan(m[i, j]):
+                ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=6,
+                        color="white" if m[i, j] < 0.5 else "black")
+    ax.set_title(f"{title}\nrouter: mean routing weight per expert" if title else "router: mean routing weight",
+                 fontsize=9)
+    fig.colorbar(im, ax=ax, label="mean weight")
     return _save(fig, out, "router_usage.png")
 
 
-def plot_segment_timelines(items, out: str, title: str, classes, background: int, n: int = 6) -> str | None:
+def plot_segment_timelines(items, out: str, title: str, classes: Sequence[str], background: int,
+                           n: int = 6) -> str | None:
+    """Per video: the class of every segment, truth above prediction; a legend names the
+    classes that occur (grey = background)."""
     items = items[:n]
     if not items:
         return None
     plt = _plt()
-    fig, axes = plt.subplots(len(items), 1, figsize=(7, 0.9 * len(items) + 0.6), squeeze=False)
+    from matplotlib.colors import ListedColormap
+
+    seen = sorted({int(c) for _, p, t in items for c in np.concatenate(
+        [np.asarray(p["labels"]).reshape(-1), np.asarray(t["segment_labels"]).reshape(-1)])} - {background})
+    palette = plt.get_cmap("tab20").colors
+    colour = {c: palette[k % len(palette)] for k, c in enumerate(seen)}
+    colour[background] = (0.85, 0.85, 0.85)
+    order = seen + [background]
+    cmap = ListedColormap([colour[c] for c in order])
+    index = {c: k for k, c in enumerate(order)}
+    fig, axes = plt.subplots(len(items), 1, figsize=(9, 0.95 * len(items) + 1.6), squeeze=False)
     for ax, (key, p, t) in zip(axes[:, 0], items):
         pred = np.asarray(p["labels"]).reshape(-1)
         gt = np.asarray(t["segment_labels"]).reshape(-1)
-        ax.imshow(np.stack([gt, pred]), aspect="auto", cmap="tab20", vmin=0, vmax=background,
-                  interpolation="nearest")
-        ax.set_yticks([0, 1], ["truth", "pred"], fontsize=7)
-        ax.set_xticks(range(len(gt)))
-        ax.set_title(f"{key}  ({background} = background)", fontsize=7)
-    fig.suptitle(title, fontsize=8)
-    return _save(fig, out, "timeline.png")
+        grid = np.vectorize(index.get)(np.stack([gt, pred]))
+        ax.imshow(grid, aspect="auto", cmap=cmap, vmin=-0.5, vmax=len(order) - 0.5, interpolation="nearest")
+        ax.set_yticks([0, 1], ["truth", "prediction"], fontsize=7)
+        ax.set_xticks(range(len(gt)), [f"{s}" for s in range(len(gt))], fontsize=6)
+        acc = float((pred == gt).mean())
+        ax.set_title(f"{key}   (segment accuracy {acc:.2f})", fontsize=7, loc="left")
+    axes[-1, 0].set_xlabel("second", fontsize=7)
+    name = {c: (classes[c] if c < len(classes) else str(c)) for c in seen}
+    entries = [(name[c], colour[c]) for c in seen] + [("background", colour[background])]
+    fig.legend(handles=_legend_patches(entries), loc="lower center", ncol=min(4, len(entries)), fontsize=7,
+               frameon=False)
+    fig.suptitle(f"{title}: events per second", fontsize=9)
+    fig.tight_layout(rect=(0, 0.04 + 0.02 * ((len(entries) - 1) // 4), 1, 1))
+    path = os.path.join(out, "timeline.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
-def plot_event_maps(items, out: str, title: str, n: int = 3) -> str | None:
+def _overlap_image(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    img = np.ones((*pred.shape, 3))
+    img[pred & truth] = TP
+    img[pred & ~truth] = FP
+    img[~pred & truth] = FN
+    return img
+
+
+def plot_event_maps(items, out: str, title: str, classes: Sequence[str] = (), n: int = 3) -> str | None:
+    """Per video, audio and visual: class x second, prediction against truth; only the classes
+    that occur in either are drawn, by name."""
     from avmoe.metrics import avvp_binarize
 
     items = items[:n]
     if not items:
         return None
     plt = _plt()
-    fig, axes = plt.subplots(len(items), 4, figsize=(10, 2.2 * len(items)), squeeze=False)
+    fig, axes = plt.subplots(len(items), 2, figsize=(11, 1.0 + 1.9 * len(items)), squeeze=False)
     for row, (key, p, t) in zip(axes, items):
         video = np.asarray(p["video_prob"])
-        maps = {}
-        for mod, k in (("audio", "audio_frame_prob"), ("visual", "visual_frame_prob")):
-            maps[mod] = avvp_binarize(np.asarray(p[k]), video, layout="NTC").transpose(0, 2, 1)[0]
-        panels = [("audio pred", maps["audio"]), ("audio truth", np.asarray(t["gt_audio"])[0]),
-                  ("visual pred", maps["visual"]), ("visual truth", np.asarray(t["gt_visual"])[0])]
-        for ax, (panel, m) in zip(row, panels):
-            ax.imshow(m, aspect="auto", cmap="Greys", vmin=0, vmax=1, interpolation="nearest")
-            ax.set_title(f"{key[:12]} {panel}", fontsize=7)
-            ax.set_xlabel("segment", fontsize=6)
-            ax.set_ylabel("class", fontsize=6)
-    fig.suptitle(title, fontsize=8)
-    return _save(fig, out, "timeline.png")
+        for ax, mod, k in ((row[0], "audio", "audio_frame_prob"), (row[1], "visual", "visual_frame_prob")):
+            pred = avvp_binarize(np.asarray(p[k]), video, layout="NTC").transpose(0, 2, 1)[0].astype(bool)
+            truth = np.asarray(t[f"gt_{mod}"])[0].astype(bool)
+            active = np.flatnonzero(pred.any(1) | truth.any(1))
+            if not len(active):
+                active = np.array([0])
+            ax.imshow(_overlap_image(pred[active], truth[active]), aspect="auto", interpolation="nearest")
+            ax.set_yticks(range(len(active)), [classes[c] if c < len(classes) else str(c) for c in active],
+                          fontsize=7)
+            ax.set_xticks(range(pred.shape[1]))
+            ax.tick_params(axis="x", labelsize=6)
+            ax.set_title(f"{key}  {mod} events", fontsize=8, loc="left")
+            ax.set_xlabel("second", fontsize=7)
+    fig.legend(handles=_legend_patches([("predicted and true", TP), ("predicted, not true", FP),
+                                        ("true, missed", FN)]), loc="lower center", ncol=3, fontsize=8,
+               frameon=False)
+    fig.suptitle(f"{title}: audio-visual video parsing", fontsize=9)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    path = os.path.join(out, "timeline.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def plot_masks(items, out: str, title: str, n: int = 4) -> str | None:
+    """Per video and frame: the predicted mask over the video frame (when the frames were kept)
+    against the truth: green true positive, red false positive, blue missed."""
     import torch
     import torch.nn.functional as F
 
@@ -124,33 +210,51 @@ def plot_masks(items, out: str, title: str, n: int = 4) -> str | None:
         return None
     plt = _plt()
     t_max = max(int(np.asarray(t["masks"]).shape[1]) for _, _, t in items)
-    fig, axes = plt.subplots(len(items), t_max, figsize=(1.6 * t_max, 1.7 * len(items)), squeeze=False)
+    fig, axes = plt.subplots(len(items), t_max, figsize=(2.1 * t_max, 2.2 * len(items) + 0.6), squeeze=False)
     for row, (key, p, t) in zip(axes, items):
         gt = torch.as_tensor(np.asarray(t["masks"])[0]).float()  # (T, H, W)
         prob = torch.as_tensor(np.asarray(p["mask_prob"])[0]).float()
         if prob.shape[-2:] != gt.shape[-2:]:
             prob = F.interpolate(prob[None], size=gt.shape[-2:], mode="bilinear", align_corners=False)[0]
-        pred = (prob > 0.5).numpy()
-        g = gt.numpy() > 0.5
+        pred, truth = (prob > 0.5).numpy(), gt.numpy() > 0.5
+        valid = np.asarray(t["mask_valid"])[0] if "mask_valid" in t else np.ones(truth.shape[0], bool)
+        frames = np.asarray(t[FRAMES])[0] if FRAMES in t else None
         for j, ax in enumerate(row):
             ax.axis("off")
-            if j >= g.shape[0]:
+            if j >= truth.shape[0]:
                 continue
-            img = np.zeros((*g.shape[1:], 3))
-            img[pred[j] & g[j]] = (0.1, 0.8, 0.1)
-            img[pred[j] & ~g[j]] = (0.9, 0.1, 0.1)
-            img[~pred[j] & g[j]] = (0.1, 0.3, 0.9)
-            ax.imshow(img)
-            ax.set_title(f"{key[:10]} t{j}", fontsize=6)
-    fig.suptitle(f"{title}: prediction over truth (green TP, red FP, blue missed)", fontsize=8)
-    return _save(fig, out, "masks.png")
+            if frames is not None and j < frames.shape[0]:
+                frame = torch.as_tensor(frames[j]).permute(2, 0, 1)[None].float()
+                frame = F.interpolate(frame, size=truth.shape[1:], mode="bilinear", align_corners=False)[0]
+                ax.imshow(frame.permute(1, 2, 0).clamp(0, 255).numpy().astype(np.uint8))
+            overlay = np.zeros((*truth.shape[1:], 4))
+            overlay[..., :3] = _overlap_image(pred[j], truth[j] & bool(valid[j]))
+            overlay[..., 3] = 0.55 * (pred[j] | (truth[j] & bool(valid[j])))
+            ax.imshow(overlay)
+            ax.set_title(f"{key[:14]}  t={j}" + ("" if valid[j] else " (no truth)"), fontsize=7)
+    fig.legend(handles=_legend_patches([("mask predicted and true", TP), ("predicted, not true", FP),
+                                        ("true, missed", FN)]), loc="lower center", ncol=3, fontsize=8,
+               frameon=False)
+    fig.suptitle(f"{title}: predicted masks over the frames", fontsize=9)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    path = os.path.join(out, "masks.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def plot_run(results: dict[str, Any], items, task, out: str) -> list[str]:
     """Every picture of a finished run into ``out``: the curves, the router heat map and the
-    task's pictures of its test predictions."""
+    task's pictures of its test predictions (titled with the run, the split and the epoch)."""
     os.makedirs(out, exist_ok=True)
-    paths = [plot_curves(results, out), plot_router(results.get("router_usage") or {}, out)]
+    run = results["run_name"]
+    best = (results.get("best") or {}).get("epoch")
+    adapter = (results.get("model_config") or {}).get("adapter") or {}
+    test_title = f"{run} · {results['config']['paths']['test_split']} split · " + (
+        f"best epoch {best}" if best is not None else "final weights")
+    paths = [plot_curves(results, out, f"{run} · training and validation"),
+             plot_router(results.get("router_usage") or {}, out, test_title, adapter.get("num_cma"),
+                         adapter.get("num_ua"))]
     if items:
-        paths += task.plot_predictions(items, out, title=f"{results['run_name']} [test]")
+        paths += task.plot_predictions(items, out, title=test_title)
     return [p for p in paths if p]

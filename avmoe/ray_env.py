@@ -78,11 +78,6 @@ def init_local_ray(num_cpus: int | None = None, **kwargs):
 
     if ray.is_initialized():
         return ray
-    ray.init(
-        address="local",
-        num_cpus=num_cpus,
-        include_dashboard=False,
-        _node_ip_address="127.0.0.1",
-        **kwargs,
-    )
+    kwargs.setdefault("include_dashboard", False)
+    ray.init(address="local", num_cpus=num_cpus, _node_ip_address="127.0.0.1", **kwargs)
     return ray

@@ -12,6 +12,7 @@ import argparse
 import os
 import time
 
+from data_pipeline import storage
 from data_pipeline.datasets import get_dataset, list_datasets
 from data_pipeline.pack import PackOptions, pack
 from data_pipeline.synth import synth
@@ -22,11 +23,14 @@ def prepare_demo_shards(dataset: str = "ave", root: str = "data/demo", n: int | 
                         frame_size: int = 64, workers: int = 2, seed: int = 0,
                         log=print) -> str:
     """Shards of every split of a synthetic ``dataset`` (``n`` training videos, default its
-    ``demo_size``) under ``root``; returns the shard directory. Re-running reuses what is
+    ``demo_size``) under ``root`` (a local directory or any fsspec URL: the raw files are then
+    generated in a local cache); returns the shard directory (URL). Re-running reuses what is
     there (packing is idempotent)."""
     ds = get_dataset(dataset)
-    raw = os.path.join(root, dataset, "raw")
-    shards = os.path.join(root, dataset, "shards")
+    local_root = root if storage.is_local(root) else os.path.join(storage.cache_dir(), "demo-raw")
+    raw = os.path.join(storage.local_path(local_root), dataset, "raw")
+    shards = storage.join(root, f"{dataset}/shards") if not storage.is_local(root) else os.path.join(
+        storage.local_path(root), dataset, "shards")
     done = os.path.join(raw, ".complete")
     if not os.path.exists(done):
         t0 = time.perf_counter()

@@ -244,9 +244,7 @@ def default_staging_dir(out: str, split: str) -> str:
     if storage.is_local(out):
         return os.path.join(storage.local_path(out), f".staging-{split}")
     digest = hashlib.sha256(f"{out}|{split}".encode()).hexdigest()[:16]
-    root = os.environ.get("AVMOE_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "avmoe")
-    return os.path.join(root, "pack-staging", digest)
+    return os.path.join(storage.cache_dir(), "pack-staging", digest)
 
 
 # ------------------------------------------------------------------------------ pack

@@ -100,3 +100,10 @@ def worker_env(url: str) -> dict | None:
              "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")
     env = {k: os.environ[k] for k in names if k in os.environ}
     return {"env_vars": env} if env else None
+
+
+def cache_dir() -> str:
+    """The local cache of avmoe: ``AVMOE_CACHE_DIR``, else ``$XDG_CACHE_HOME/avmoe``
+    (``~/.cache/avmoe``)."""
+    return os.environ.get("AVMOE_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "avmoe")

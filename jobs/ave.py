@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """AVE job: train the AVE model on Ray Train + DeepSpeed from shards at a URL.
 
     python jobs/ave.py                                    # embedded default: synthetic data, tiny preset, 2 CPU workers

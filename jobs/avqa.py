@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """AVQA job: train the AVQA model on Ray Train + DeepSpeed from shards at a URL.
 
     python jobs/avqa.py                                    # embedded default: synthetic data, tiny preset, 2 CPU workers

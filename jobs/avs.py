@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """AVS job (AVSBench S4 / MS3): train the segmentation model on Ray Train + DeepSpeed.
 
     python jobs/avs.py --setting s4                      # embedded default: synthetic S4, tiny preset, 2 CPU workers

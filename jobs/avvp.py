@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """AVVP job: train the AVVP model on Ray Train + DeepSpeed from shards at a URL.
 
     python jobs/avvp.py                                    # embedded default: synthetic data, tiny preset, 2 CPU workers

@@ -257,3 +257,22 @@ def test_prometheus_config_discovers_ray_and_workers():
         pytest.skip("promtool (Debian package prometheus) not installed: syntax not checked by Prometheus")
     r = subprocess.run([promtool, "check", "config", str(path)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_prometheus_config_for_another_temp_dir(tmp_path, capsys):
+    from avmoe.telemetry.prometheus_config import main
+
+    assert main(["--ray-temp-dir", "/mnt/ray/", "--sd-dir", "/srv/avmoe_sd"]) == 0
+    text = capsys.readouterr().out
+    assert "/tmp/ray" not in text and "/tmp/avmoe" not in text
+    cfg = yaml.safe_load(text)
+    jobs = {j["job_name"]: j for j in cfg["scrape_configs"]}
+    assert jobs["ray"]["file_sd_configs"][0]["files"][0].startswith("/mnt/ray/")
+    assert jobs["avmoe-local"]["file_sd_configs"][0]["files"] == ["/srv/avmoe_sd/*.json"]
+    template = yaml.safe_load((CLUSTER / "monitoring/prometheus.yml").read_text())
+    assert len(cfg["scrape_configs"]) == len(template["scrape_configs"])  # nothing else changed
+    promtool = shutil.which("promtool")
+    if promtool is not None:
+        (tmp_path / "p.yml").write_text(text)
+        r = subprocess.run([promtool, "check", "config", str(tmp_path / "p.yml")], capture_output=True, text=True)
+        assert r.returncode == 0, r.stdout + r.stderr

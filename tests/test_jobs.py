@@ -241,14 +241,17 @@ def test_eval_only_and_eval_drop_equal_single_process_metric(ave_run_on_2_worker
 # --------------------------------------------------------------------------- ray job submit
 
 
-def test_ray_job_submit_working_dir(tmp_path_factory, tmp_path):
-    """A real head (`ray start --head`, 2 CPUs, loopback) and `ray job submit --working-dir .`
-    of jobs/ave.py to SUCCEEDED; then that head is stopped."""
-    data = shards(tmp_path_factory, "ave", 8)
+def test_ray_job_submit_working_dir(tmp_path):
+    """A real head (`ray start --head`, 2 CPUs, loopback) and, as a user types them,
+    `ray job submit --working-dir . -- python jobs/avqa.py` (no other argument: the embedded demo,
+    packed where the cluster's workers read it, trained and tested) and
+    `ray job submit --working-dir . -- jobs/avqa.py --epochs 1` (the script itself as the
+    entrypoint), both to SUCCEEDED with their test metrics in the output; the first job's own
+    output stays short. Then that head is stopped."""
     ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
     port, dash, client = free_port(), free_port(), free_port()
-    # Every per-node port off its default: the session's embedded Ray (ray_local) already holds
-    # the defaults (dashboard agent 52365, ...), and a head whose job agent cannot bind answers
+    # Every per-node port off its default: the session's embedded Ray (ray_local) may hold the
+    # defaults (dashboard agent 52365, ...), and a head whose job agent cannot bind answers
     # every submission with "No available agent to submit job".
     agent_ports = [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
                    f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}"]
@@ -258,6 +261,11 @@ def test_ray_job_submit_working_dir(tmp_path_factory, tmp_path):
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.update(loopback_env(os.environ["HOME"]))
+    # what a user has: the venv on PATH (`jobs/avqa.py`'s shebang finds its python3), and here
+    # the jobs' default storage (and the demo data beside it) in this test's directory
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    storage = tmp_path / "runs"
+    env["AVMOE_STORAGE"] = str(storage)
     # its own temp dir (short: unix socket paths): the session's embedded Ray and other
     # clusters on this machine share /tmp/ray otherwise, and the head's job agent got confused
     temp = f"/tmp/avmoe-head-{port}"
@@ -272,22 +280,29 @@ def test_ray_job_submit_working_dir(tmp_path_factory, tmp_path):
         while subprocess.run([ray_bin, "job", "list"], env=jenv, capture_output=True).returncode != 0:
             assert time.time() < deadline and head.poll() is None, open(tmp_path / "head.log").read()[-3000:]
             time.sleep(1)
-        storage = tmp_path / "runs"
-        sub_id = f"avmoe-test-{port}"
-        cmd = [ray_bin, "job", "submit", "--submission-id", sub_id, "--working-dir", str(REPO), "--", sys.executable, "jobs/ave.py", "--data", data,
-               "--storage", str(storage), "--name", "submitted", "--workers", "1"] + FAST
-        deadline = time.time() + 240
-        while True:  # the head's job agent comes up a little after the dashboard answers
-            p = subprocess.run(cmd, env=jenv, capture_output=True, text=True, timeout=400)
-            if "No available agent" not in p.stdout + p.stderr or time.time() > deadline:
-                break
-            time.sleep(3)
-        assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-2000:]
+
+        def submit(sub_id: str, entrypoint: list[str]):
+            cmd = [ray_bin, "job", "submit", "--submission-id", sub_id, "--working-dir", str(REPO), "--"] + entrypoint
+            deadline = time.time() + 240
+            while True:  # the head's job agent comes up a little after the dashboard answers
+                p = subprocess.run(cmd, env=jenv, capture_output=True, text=True, timeout=600)
+                if "No available agent" not in p.stdout + p.stderr or time.time() > deadline:
+                    return p
+                time.sleep(3)
+
         from ray.job_submission import JobStatus, JobSubmissionClient
 
-        assert JobSubmissionClient(jenv["RAY_ADDRESS"]).get_job_status(sub_id) == JobStatus.SUCCEEDED
-        assert "test: acc" in p.stdout  # the job's own printed metrics, streamed back
-        assert (storage / "submitted" / "results.json").exists()
+        jobs = JobSubmissionClient(jenv["RAY_ADDRESS"])
+        for n, entrypoint in enumerate((["python", "jobs/avqa.py"], ["jobs/avqa.py", "--epochs", "1"])):
+            sub_id = f"avmoe-test-{port}-{n}"
+            p = submit(sub_id, entrypoint)
+            assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-2000:]
+            assert jobs.get_job_status(sub_id) == JobStatus.SUCCEEDED
+            assert "no --data: the embedded demo" in p.stdout and "Overall" in p.stdout  # the printed test metrics
+            log = jobs.get_job_logs(sub_id).splitlines()
+            assert len(log) <= 40, "\n".join(log)  # the job's own output: no library chatter
+        runs = sorted(d.name for d in storage.iterdir())
+        assert len(runs) == 2 and all((storage / r / "results.json").exists() for r in runs)
         # what `--working-dir .` uploads: the source only (.rayignore + .gitignore leave out .venv,
         # .git, data, .cache, runs, ...), packaged the way Ray packages it
         import zipfile

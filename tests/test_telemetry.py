@@ -141,7 +141,7 @@ def test_live_scrape_values_change_and_labels(demo_run, tmp_path):
     second = scrape(url)
     labels = {"job": "scrape-run", "task": "ave", "rank": "0", "node": "127.0.0.1"}
     for name in ("avmoe_steps_total", "avmoe_samples_per_second", "avmoe_loss", "avmoe_learning_rate",
-                 "avmoe_epoch", "avmoe_flops_per_sample", "avmoe_data_wait_ratio",
+                 "avmoe_grad_norm", "avmoe_epoch", "avmoe_flops_per_sample", "avmoe_data_wait_ratio",
                  "avmoe_checkpoint_save_duration_seconds", "avmoe_model_flops_per_second"):
         vals = _values(second, name, **labels)
         assert len(vals) == 1, (name, vals)

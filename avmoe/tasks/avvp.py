@@ -117,5 +117,6 @@ class AVVPTask(Task):
 
     def plot_predictions(self, items, out_dir, title):
         from avmoe.plots import plot_event_maps
+        from data_pipeline.datasets.avvp import CATEGORIES
 
-        return [plot_event_maps(items, out_dir, title)]
+        return [plot_event_maps(items, out_dir, title, CATEGORIES)]

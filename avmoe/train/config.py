@@ -98,10 +98,24 @@ class IngestSection(Config):
     prefetch_batches: int = 2
     on_error: Literal["raise", "skip"] = "raise"  # bad samples: raise, or skip (counted in the metrics)
     decode_cpus: float | None = None  # CPUs of one decode task (None = ingest default, 1)
+    # Ray resources of one decode task, e.g. ingest=1 to place decoding on the CPU-only ingest
+    # nodes of cluster/*.yaml (their custom resource); CPU defaults to decode_cpus
+    decode_resources: dict[str, float] | None = None
 
     def check(self, prefix: str = "") -> None:
         _at_least(prefix, self, ("shuffle_buffer", "read_concurrency", "prefetch_batches"), 1)
         _at_least(prefix, self, ("decode_cpus",), 0)
+        for k, v in (self.decode_resources or {}).items():
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:
+                raise ConfigError(f"{prefix}decode_resources: {k}={v!r} must be a number >= 0")
+
+    def resources(self) -> dict[str, float] | None:
+        """The decode task's Ray resources (None = the ingest's default, 1 CPU)."""
+        if self.decode_resources is None and self.decode_cpus is None:
+            return None
+        res = dict(self.decode_resources or {})
+        res.setdefault("CPU", self.decode_cpus if self.decode_cpus is not None else 1.0)
+        return res
 
 
 @dataclass
@@ -142,6 +156,14 @@ class TelemetryConfig(Config):
     metrics_address: str | None = None  # None = telemetry's default bind address
     metrics_port: int | None = None  # None = telemetry's default; 0 = any free port
     metrics_sd_dir: str | None = None  # Prometheus file-SD directory; None = $AVMOE_METRICS_SD_DIR or its default, "" = none
+    # experiment tracking backends, comma-separated: tensorboard (event files under
+    # <storage>/<name>/tensorboard/), mlflow, wandb (where their package is installed), or none
+    tracking: str = "tensorboard"
+
+    def check(self, prefix: str = "") -> None:
+        from avmoe.tracking import parse_backends
+
+        parse_backends(self.tracking, f"{prefix}tracking")
 
     def check(self, prefix: str = "") -> None:
         # the workers read the AVMOE_METRICS_* settings the driver forwards: check them here
@@ -302,6 +324,31 @@ class TrainConfig(Config):
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def describe_key(key: str, task=None) -> str:
+    """``--help`` text of a TrainConfig key: its type or choices and its default (the task's own
+    for the optimisation fields: the paper preset's and the embedded demo's)."""
+    from avmoe.config import describe, field_type, resolve_key
+
+    cfg = TrainConfig()
+    path = resolve_key(cfg, key)
+    obj = cfg
+    for p in path[:-1]:
+        obj = getattr(obj, p)
+    default = getattr(obj, path[-1])
+    text = describe(field_type(cfg, path)).replace(" or none", "")
+    if path[0] == "optim" and task is not None:
+        paper = getattr(task.training_defaults("paper"), path[-1])
+        demo = task.demo_schedule.get(path[-1], paper)
+        return f"{text}; default: the task's ({paper} for the paper preset, {demo} in the embedded demo)"
+    if key == "storage":
+        return f"{text}; default: $AVMOE_STORAGE, else ~/.local/share/avmoe/runs"
+    if key == "data":
+        return f"{text} (shard URL); default: none = the embedded demo (synthetic data)"
+    if key == "name":
+        return f"{text}; default: generated (<task>-<preset>-<date>-<time>); an existing run's name resumes it"
+    return f"{text}; default: {default!r}"
 
 
 def _at_least(prefix: str, cfg: Config, names: tuple[str, ...], low: float) -> None:

@@ -15,6 +15,7 @@ manifests: present, of this task's dataset, label vocabularies -> model sizes vi
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -120,12 +121,17 @@ def worker_env(tcfg: TrainConfig) -> dict[str, str]:
 
     # the telemetry settings of the driver reach the workers (where WorkerMetrics reads them)
     names = ["TORCH_EXTENSIONS_DIR", "AVMOE_CACHE_DIR", "AVMOE_METRICS", "AVMOE_METRICS_ADDR", "AVMOE_METRICS_PORT",
-             "AVMOE_METRICS_PORT_SLOTS", "AVMOE_METRICS_SD_DIR", "AVMOE_METRICS_STRICT", "AVMOE_PEAK_FLOPS"]
+             "AVMOE_METRICS_PORT_SLOTS", "AVMOE_METRICS_SD_DIR", "AVMOE_METRICS_STRICT", "AVMOE_PEAK_FLOPS",
+             "AVMOE_VERBOSE"]
     if not on_cluster():
         names += list(LOOPBACK_VARS) + ["HOME"]
     for k in names:
         if k in os.environ:  # an empty value means something too (AVMOE_METRICS_SD_DIR="": no file SD)
             env[k] = os.environ[k]
+    from avmoe.console import QUIET_ENV, verbose
+
+    if not verbose():
+        env.update(QUIET_ENV)
     if not tcfg.scale.gpus_per_worker:
         env["DS_ACCELERATOR"] = "cpu"  # a CPU job on a GPU node must not pick CUDA
     if tcfg.paths.data:
@@ -152,14 +158,17 @@ def storage_path(storage: str) -> str:
     return storage if "://" in storage else os.path.abspath(storage)
 
 
-def fit(tcfg: TrainConfig, *, prepared: bool = False, trainer_cls=None) -> dict[str, Any]:
+def fit(tcfg: TrainConfig, *, prepared: bool = False, trainer_cls=None, progress: bool = False) -> dict[str, Any]:
     """Run training (or ``eval_only``) on the current Ray cluster; returns the run's results
-    (results.json's content). ``trainer_cls``: a ``Trainer`` subclass for the workers."""
+    (results.json's content). ``trainer_cls``: a ``Trainer`` subclass for the workers;
+    ``progress``: draw rank 0's progress on this process's console (avmoe.train.progress)."""
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from avmoe.console import verbose
     from avmoe.train.process_group import BoundStoreTorchConfig
+
     from avmoe.train.trainer import train_worker
 
     if not prepared:
@@ -170,23 +179,28 @@ def fit(tcfg: TrainConfig, *, prepared: bool = False, trainer_cls=None) -> dict[
     resources = {"CPU": sc.cpus_per_worker}
     if use_gpu:
         resources["GPU"] = sc.gpus_per_worker
-    trainer = TorchTrainer(
-        train_worker,
-        train_loop_config={"train": tcfg.to_dict(), "run_name": name, "eval_only": tcfg.evaluation.eval_only,
-                           "trainer_cls": trainer_cls, "plugins": _plugins(tcfg)},
-        scaling_config=ScalingConfig(num_workers=sc.workers, use_gpu=use_gpu, resources_per_worker=resources),
-        # the c10d rendezvous store on the node's address, not every interface
-        torch_config=BoundStoreTorchConfig(backend="nccl" if use_gpu else "gloo"),
-        run_config=RunConfig(
-            name=name, storage_path=storage_path(tcfg.paths.storage),
-            failure_config=FailureConfig(max_failures=sc.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=tcfg.checkpoint.keep_checkpoints,
-                                               checkpoint_score_attribute="select_score",
-                                               checkpoint_score_order="max"),
-            worker_runtime_env={"env_vars": worker_env(tcfg)}),
-    )
-    assert ray.is_initialized()
-    trainer.fit()  # raises on failure (after max_failures restarts)
+    from avmoe.train.progress import DriverProgress
+
+    with (DriverProgress() if progress else contextlib.nullcontext()) as shown:
+        trainer = TorchTrainer(
+            train_worker,
+            train_loop_config={"train": tcfg.to_dict(), "run_name": name, "eval_only": tcfg.evaluation.eval_only,
+                               "trainer_cls": trainer_cls, "plugins": _plugins(tcfg),
+                               "progress": shown.board if shown else None},
+            scaling_config=ScalingConfig(num_workers=sc.workers, use_gpu=use_gpu, resources_per_worker=resources),
+            # the c10d rendezvous store on the node's address, not every interface
+            torch_config=BoundStoreTorchConfig(backend="nccl" if use_gpu else "gloo"),
+            run_config=RunConfig(
+                name=name, storage_path=storage_path(tcfg.paths.storage),
+                failure_config=FailureConfig(max_failures=sc.max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=tcfg.checkpoint.keep_checkpoints,
+                                                   checkpoint_score_attribute="select_score",
+                                                   checkpoint_score_order="max"),
+                worker_runtime_env={"env_vars": worker_env(tcfg)},
+                logging_config=LoggingConfig(log_level="INFO" if verbose() else "WARNING")),
+        )
+        assert ray.is_initialized()
+        trainer.fit()  # raises on failure (after max_failures restarts)
     return read_results(tcfg.paths.storage, name)
 
 

@@ -83,8 +83,11 @@ def initialize(model: torch.nn.Module, optimizer, scheduler, config: dict[str, A
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
 
-    engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
+    from avmoe.console import captured_stdout
+
+    with captured_stdout():  # DeepSpeed prints its op loads on every rank (kept with --verbose)
+        engine, optimizer, _, scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
     make_loads_safe(engine)
     return engine, optimizer, scheduler
 

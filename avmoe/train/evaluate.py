@@ -29,12 +29,17 @@ class EvalResult:
     num_samples: int
 
 
-def _split_rows(preds: dict[str, Any], batch: AVBatch):
+FRAMES = "_frames"  # an item's input frames (B=1, T, H, W, 3) uint8, for the pictures
+
+
+def _split_rows(preds: dict[str, Any], batch: AVBatch, frames_of: set[str] = frozenset()):
     n = batch.batch_size
     for i, key in enumerate(batch.keys):
         p = {k: (v[i:i + 1].cpu() if isinstance(v, torch.Tensor) and v.shape[:1] == (n,) else v)
              for k, v in preds.items()}
         t = {k: v[i:i + 1].cpu() for k, v in batch.targets.items()}
+        if key in frames_of and batch.frames is not None and batch.frames.dtype == torch.uint8:
+            t[FRAMES] = batch.frames[i:i + 1].cpu()
         yield key, p, t
 
 
@@ -58,8 +63,11 @@ def manifest_order(stream) -> dict[str, int]:
 
 @torch.no_grad()
 def evaluate(engine, task, cfg, stream, *, device, drop: str | None = None, limit: int | None = None,
-             zero3: bool = False) -> EvalResult:
+             zero3: bool = False, keep_frames: int = 0) -> EvalResult:
+    """``keep_frames``: the first N samples of the split (manifest order) keep their input frames
+    in their targets (``FRAMES``), for the task's pictures."""
     engine.eval()
+    frames_of = set(list(manifest_order(stream))[:keep_frames]) if keep_frames else frozenset()
     rows: list = []
     last: AVBatch | None = None
     n_batches = 0
@@ -73,7 +81,7 @@ def evaluate(engine, task, cfg, stream, *, device, drop: str | None = None, limi
             b = batch.to(device)
             out = engine(b)  # bf16 autocast, when on, is the engine's (torch_autocast config)
             preds = task.predict(out, b)
-            rows.extend(_split_rows(preds, batch))
+            rows.extend(_split_rows(preds, batch, frames_of))
             last = b
             n_batches += 1
     finally:
@@ -100,7 +108,8 @@ def evaluate(engine, task, cfg, stream, *, device, drop: str | None = None, limi
     items = sorted(seen.values(), key=lambda r: (order.get(r[0], len(order)), r[0]))
     acc = task.metric_accumulator(cfg)
     for key, p, t in items:
-        acc.update(p, AVBatch(frames=None, audio=None, targets=t, keys=[key]))
+        acc.update(p, AVBatch(frames=None, audio=None, targets={k: v for k, v in t.items() if k != FRAMES},
+                              keys=[key]))
     metrics = {k: float(v) for k, v in acc.compute().items()} if items else {}
     engine.train()
     return EvalResult(metrics=metrics, items=items, num_samples=len(items))

@@ -46,6 +46,10 @@ class Session:
         """Copy ``local_dir``'s files to the run's directory in storage; returns that location."""
         raise NotImplementedError
 
+    def run_dir(self) -> str:
+        """The run's directory in storage: a local path or a URL."""
+        raise NotImplementedError
+
 
 def _json_safe(metrics: dict[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(metrics, default=float))
@@ -100,6 +104,11 @@ class RaySession(Session):
         scheme = getattr(st.storage_filesystem, "type_name", "local")
         return dest if scheme == "local" else f"{scheme}://{dest}"
 
+    def run_dir(self) -> str:
+        st = self._storage()
+        scheme = getattr(st.storage_filesystem, "type_name", "local")
+        return st.experiment_fs_path if scheme == "local" else f"{scheme}://{st.experiment_fs_path}"
+
 
 class LocalSession(Session):
     """Single process; checkpoints are directories under ``<storage>/<name>/``."""
@@ -136,6 +145,9 @@ class LocalSession(Session):
 
     def write_run_files(self, local_dir: str) -> str:
         shutil.copytree(local_dir, self.root, dirs_exist_ok=True)
+        return self.root
+
+    def run_dir(self) -> str:
         return self.root
 
 

@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 
 from avmoe.telemetry import WorkerMetrics, flops_per_sample
+from avmoe.tracking import Tracker, parse_backends
 from avmoe.train import checkpoint as ckpt_io
 from avmoe.train.config import TrainConfig
 from avmoe.train.engine import build_optimizer, build_scheduler, deepspeed_config, initialize, use_bf16
@@ -139,6 +140,9 @@ class Trainer:
         self.session = session
         self.rank, self.world = session.rank, session.world_size
         self.state = RunState()
+        from avmoe.train.progress import Progress
+
+        self.progress = Progress(config.get("progress"), self.rank)
         self.step_times: list[float] = []
         self.first_step_unix: float | None = None
         self.stopped_at_max_steps = False
@@ -155,7 +159,7 @@ class Trainer:
         cfg = IngestConfig(url=self.tcfg.paths.data, split=split, batch_size=batch_size, seed=self.seed,
                            shuffle=shuffle, shuffle_buffer=ing.shuffle_buffer, read_concurrency=ing.read_concurrency,
                            prefetch_batches=ing.prefetch_batches, on_error=ing.on_error,
-                           decode_resources=({"CPU": ing.decode_cpus} if ing.decode_cpus is not None else None),
+                           decode_resources=ing.resources(),
                            drop_last=drop_last)
         return ShardStream(cfg, rank=self.rank, world_size=self.world)
 
@@ -224,6 +228,10 @@ class Trainer:
                                      sd_dir=tcfg.telemetry.metrics_sd_dir, enabled=tcfg.telemetry.metrics)
         self.metrics.start()
         self.metrics.set_flops_per_sample(flops)
+        self.tracker = None
+        backends = parse_backends(tcfg.telemetry.tracking)
+        if backends and self.rank == 0:
+            self.tracker = Tracker(backends, self.session.run_dir(), self.run_name, tcfg.to_dict())
 
         self.ogm = None
         if tcfg.ogm.modulation != "none" and not self.eval_only:
@@ -297,6 +305,8 @@ class Trainer:
             self.finish()
         finally:
             self.metrics.close()
+            if self.tracker is not None:
+                self.tracker.close()
 
     def train_epoch(self) -> bool:
         """Train the rest of the current epoch; False when ``max_steps`` stopped it midway (after
@@ -313,7 +323,9 @@ class Trainer:
             it = self.train_stream.epoch(epoch, start_batch=st.batches_done)
         self.train_ingest_state = None
         self._loss_sum, self._loss_n, self._parts_sum = 0.0, 0, {}
-        self._t_last = time.perf_counter()
+        self._t_last = self._t_epoch = time.perf_counter()
+        self.progress.emit("epoch_start", epoch=epoch, epochs=int(self.opt.epochs), steps=self.steps_per_epoch,
+                           done=st.batches_done // self.grad_accum)
         try:
             while st.batches_done < total_batches:
                 self.train_step(it)
@@ -349,6 +361,7 @@ class Trainer:
             self.engine.backward(loss)
             if boundary and self.ogm is not None:
                 self.ogm.modulate(st.epoch, st.step)  # grads are all-reduced now (ZeRO 0)
+            own_norm = self._grad_norm() if boundary and self._own_grad_norm else None
             self.engine.step()
             st.batches_done += 1
             loss_value = float(loss.detach())  # one host sync per micro-batch
@@ -364,13 +377,31 @@ class Trainer:
         self.step_times.append(step_s)
         if self.first_step_unix is None:
             self.first_step_unix = time.time()
-        gnorm = self.engine.get_global_grad_norm() if tcfg.loop.grad_clip else None
+        gnorm = self.engine.get_global_grad_norm()
+        gnorm = own_norm if gnorm is None else gnorm
         self.metrics.observe_step(samples=samples, step_seconds=step_s, data_wait_seconds=wait, loss=loss_value,
                                   lr=self.optimizer.param_groups[0]["lr"],
                                   grad_norm=float(gnorm) if gnorm is not None else None)
         self.metrics.set_skipped_total(self.train_stream.skipped_total)
+        rate, wait_ratio = samples * self.world / max(step_s, 1e-9), wait / max(step_s, 1e-9)
+        self.progress.emit("step", steps=st.batches_done // self.grad_accum, loss=loss_value,
+                           samples_per_s=rate, data_wait=wait_ratio)
+        if self.tracker is not None:
+            self.tracker.scalars({"train/loss": loss_value, "train/lr": self.optimizer.param_groups[0]["lr"],
+                                  "train/grad_norm": gnorm, "train/samples_per_second": rate,
+                                  "train/data_wait_ratio": wait_ratio}, st.step)
         self.after_step()
         return loss_value
+
+    @property
+    def _own_grad_norm(self) -> bool:
+        """DeepSpeed reports the global grad norm under ZeRO >= 1, and at stage 0 only when it
+        clips; otherwise it is computed here (the all-reduced gradients, identical on every rank)."""
+        return self.tcfg.deepspeed.zero_stage == 0 and not self.tcfg.loop.grad_clip
+
+    def _grad_norm(self) -> float:
+        grads = [p.grad for p in self.module.trainable_parameters() if p.grad is not None]
+        return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
 
     def end_epoch(self) -> None:
         """Global train loss, validation, best-so-far, early stop, the epoch's checkpoint."""
@@ -401,11 +432,20 @@ class Trainer:
         if self.rank == 0:
             log.info("epoch %d: train_loss %.4f val %s=%.4f%s", epoch, tl[0], primary, score,
                      " (best)" if improved else "")
+        if self.tracker is not None:
+            self.tracker.scalars({"epoch/train_loss": tl[0], **{f"val/{k}": v for k, v in val.metrics.items()}},
+                                 st.step)
+            self.tracker.router(self.module.router_stats(), st.step)
+            self.tracker.sync()
+        self.progress.emit("epoch_end", epoch=epoch, epochs=int(self.opt.epochs), step=st.step, train_loss=tl[0],
+                           metric=primary, val=None if math.isnan(score) else score, best=improved,
+                           seconds=time.perf_counter() - self._t_epoch)
         self.save(name, score if not math.isnan(score) else NO_SCORE, {"train_loss": tl[0], f"val_{primary}": score})
 
-    def validate(self, stream=None, drop: str | None = None) -> EvalResult:
+    def validate(self, stream=None, drop: str | None = None, keep_frames: int = 0) -> EvalResult:
         return evaluate(self.engine, self.task, self.cfg, stream or self.val_stream, device=self.device, drop=drop,
-                        limit=self.tcfg.loop.limit_eval_batches, zero3=self.tcfg.deepspeed.zero_stage == 3)
+                        limit=self.tcfg.loop.limit_eval_batches, zero3=self.tcfg.deepspeed.zero_stage == 3,
+                        keep_frames=keep_frames)
 
     def save(self, dir_name: str, score: float, extra_metrics: dict[str, Any]) -> None:
         t0 = time.perf_counter()
@@ -446,7 +486,7 @@ class Trainer:
                     ckpt_io.load(self.engine, d, self.rank)
             # (no finite validation score, best_checkpoint None: the last weights are tested)
             test_stream = self.make_stream(tcfg.paths.test_split, self.batch_size, False, False)
-            test = self.validate(test_stream)
+            test = self.validate(test_stream, keep_frames=6 if tcfg.evaluation.plots else 0)
             results["test"] = test.metrics
             results["test_checkpoint"] = self.eval_source or st.best_checkpoint or self.checkpoint_name()
             test_items = test.items
@@ -455,6 +495,8 @@ class Trainer:
                 results[f"test_drop_{drop}"] = self.validate(test_stream, drop=drop).metrics
             results["router_usage"] = {k: [round(float(x), 6) for x in v["mean_weight"].tolist()]
                                        for k, v in self.module.router_stats().items()}
+            if self.tracker is not None:
+                self.tracker.scalars({f"test/{k}": v for k, v in test.metrics.items()}, st.step)
         if self.rank == 0:
             self._write_results(results, test_items)
         # the driver reads results.json from storage (Ray's Result carries the last *checkpoint's* metrics)
@@ -476,7 +518,9 @@ class Trainer:
 
 def train_worker(config: dict[str, Any]) -> None:
     """Entry point of every Ray Train worker: ``config["trainer_cls"]`` (default ``Trainer``)."""
+    from avmoe.console import quiet_process
     from avmoe.train.session import RaySession
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    quiet_process()  # (after Ray Train configured this worker's logging)
     (config.get("trainer_cls") or Trainer)(config, RaySession()).run()
