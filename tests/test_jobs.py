@@ -53,11 +53,8 @@ def test_config_errors_name_the_key(argv, key, no_ray, capsys, tmp_path_factory)
     assert key in capsys.readouterr().err
 
 
-def test_missing_data_url_on_a_cluster_and_foreign_shards(no_ray, capsys, monkeypatch, tmp_path_factory):
-    monkeypatch.setenv("RAY_JOB_ID", "01000000")  # as under `ray job submit`: no synthetic default
-    assert cli.main("avqa", []) == 2
-    assert "data" in capsys.readouterr().err
-    monkeypatch.delenv("RAY_JOB_ID")
+def test_foreign_shards_and_disagreeing_sizes(no_ray, capsys, tmp_path_factory):
+    # (no --data, on a cluster too, is the embedded demo: test_ray_job_submit_working_dir)
     ave = shards(tmp_path_factory, "ave", 8)
     assert cli.main("avqa", ["--data", ave]) == 2
     err = capsys.readouterr().err

@@ -161,13 +161,12 @@ class TelemetryConfig(Config):
     tracking: str = "tensorboard"
 
     def check(self, prefix: str = "") -> None:
+        import os
+
         from avmoe.tracking import parse_backends
 
         parse_backends(self.tracking, f"{prefix}tracking")
-
-    def check(self, prefix: str = "") -> None:
         # the workers read the AVMOE_METRICS_* settings the driver forwards: check them here
-        import os
 
         if self.metrics_port is not None:
             _check_port(f"{prefix}metrics_port", self.metrics_port)
