@@ -34,9 +34,12 @@ Choices recorded here (spec ../shared/spec/avmoe.md §8, numbers are that list's
 * §8.6 attention in CMA/UA experts is unscaled with U[0,1) latents, as the code
   (``attn_scale=False``); ``attn_scale=True`` divides by sqrt(D).
 * §8.7 soft dense routing, noise only in AVS (sigma 0.01), load balance weight 1.0 (AVVP),
-  0.01 (MS3), else 0; summed over adapters (``lb_reduction="sum"``). The official
-  ``F.kl_div(log p, U, reduction="batchmean")`` on a 1-D tensor divides the KL by E
-  (``lb_batchmean=True`` reproduces that; False gives the plain KL(U || p)).
+  0.01 (MS3), else 0; summed over adapters (``lb_reduction="sum"``). Every preset computes
+  the official value, −Σ_e log p̄_e (``lb_form="official"``: the code's router output is
+  (B, 1, E), so its ``kl_div(log p̄, 1/p̄.size(0), "batchmean")`` has a target of 1.0 and a
+  divisor of 1); the weights 1.0 / 0.01 were tuned with it. ``lb_form="kl"`` is the equation
+  KL(U ‖ p̄) (gradient 1/E of the official), ``"kl_over_e"`` KL/E (gradient 1/E², our former
+  default).
 * §8.8 backbones are frozen AND in eval mode by default (no BN drift, no DropPath, no
   SpecAugment, no mixup); ``backbone_train_mode=True`` + ``audio.spec_augment`` +
   ``audio.mixup`` reproduce the official train-mode behaviour.
@@ -360,7 +363,7 @@ class AdapterConfig(Config):
     router_noise: float = 0.0  # std of Gaussian logit noise in training (AVS: 0.01)
     lb_weight: float = 0.0
     lb_reduction: Literal["sum", "mean"] = "sum"  # over adapters
-    lb_batchmean: bool = True
+    lb_form: Literal["official", "kl", "kl_over_e"] = "official"  # see load_balance_loss
     ua_relu: bool = False
     attn_scale: bool = False
     mha_heads: int = 4  # UA v1

@@ -29,17 +29,55 @@ def _xy(n: int = 3, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(n, X.tokens, X.dim, generator=g), torch.randn(n, Y.tokens, Y.dim, generator=g)
 
 
+def official_load_balance(gating_probs: torch.Tensor) -> torch.Tensor:
+    """The released code's term, transcribed from ``MoEAdapter.compute_load_balancing_loss``
+    (yingchengy/AVMOE: AVVP/nets/mgn.py, AVS/avs_scripts/*/model/PVT_AVSModel_v2.py), called
+    there on the router output of shape (N, 1, E): the token means keep their axis."""
+    expert_probs_mean = torch.mean(gating_probs, dim=0)  # (1, E)
+    uniform_distribution = torch.full_like(expert_probs_mean, 1.0 / expert_probs_mean.size(0))
+    return F.kl_div(expert_probs_mean.log(), uniform_distribution, reduction="batchmean")
+
+
 def test_load_balance_hand_computed():
     probs = torch.tensor([[0.5, 0.5], [1.0, 0.0]])  # mean (0.75, 0.25)
     # KL(U || p̄) = 0.5 ln(0.5/0.75) + 0.5 ln(0.5/0.25) = 0.5 (-0.405465 + 0.693147)
     kl = 0.5 * (math.log(0.5 / 0.75) + math.log(0.5 / 0.25))
     assert kl == pytest.approx(0.1438410362, abs=1e-9)
-    assert float(load_balance_loss(probs, batchmean=False)) == pytest.approx(kl, abs=1e-6)
-    # official: F.kl_div(p̄.log(), U, reduction="batchmean") on the 1-D (E,) tensor divides by E
-    official = F.kl_div(probs.mean(0).log(), torch.full((2,), 0.5), reduction="batchmean")
-    assert float(load_balance_loss(probs, batchmean=True)) == pytest.approx(kl / 2, abs=1e-6)
-    assert float(official) == pytest.approx(kl / 2, abs=1e-6)
-    assert float(load_balance_loss(torch.full((5, 4), 0.25))) == pytest.approx(0.0, abs=1e-7)
+    assert float(load_balance_loss(probs, "kl")) == pytest.approx(kl, abs=1e-6)
+    assert float(load_balance_loss(probs, "kl_over_e")) == pytest.approx(kl / 2, abs=1e-6)
+    # official: -(ln 0.75 + ln 0.25) = 1.673976 = E (KL + ln E); the default form
+    assert -(math.log(0.75) + math.log(0.25)) == pytest.approx(1.6739764336, abs=1e-9)
+    assert float(load_balance_loss(probs)) == pytest.approx(1.6739764336, abs=1e-6)
+    assert float(official_load_balance(probs[:, None, :])) == pytest.approx(1.6739764336, abs=1e-6)
+    # (what "kl_over_e" read into the code: batchmean on a 1-D (E,) tensor divides by E)
+    one_d = F.kl_div(probs.mean(0).log(), torch.full((2,), 0.5), reduction="batchmean")
+    assert float(one_d) == pytest.approx(kl / 2, abs=1e-6)
+    balanced = torch.full((5, 4), 0.25)
+    assert float(load_balance_loss(balanced, "kl")) == pytest.approx(0.0, abs=1e-7)
+    assert float(load_balance_loss(balanced)) == pytest.approx(4 * math.log(4), abs=1e-6)
+    with pytest.raises(ValueError, match="official, kl, kl_over_e"):
+        load_balance_loss(balanced, "mean")
+
+
+@pytest.mark.parametrize("experts", [2, 4])  # AVVP 1 CMA + 1 UA; MS3 2 + 2
+def test_load_balance_official_value_and_gradient(experts):
+    """Value and gradient equal the official code's on its (N, 1, E) router output; the
+    gradient is E^2 times that of KL/E (4x AVVP, 16x MS3) and E times that of KL."""
+    g = torch.Generator().manual_seed(experts)
+    logits = torch.randn(6, experts, generator=g, dtype=torch.float64)
+    grads = {}
+    for form in ("official", "kl", "kl_over_e", "reference"):
+        x = logits.clone().requires_grad_(True)
+        p = torch.softmax(x, -1)
+        value = official_load_balance(p[:, None, :]) if form == "reference" else load_balance_loss(p, form)
+        value.backward()
+        grads[form] = (float(value.detach()), x.grad)
+    assert grads["official"][0] == pytest.approx(grads["reference"][0], rel=1e-12)
+    torch.testing.assert_close(grads["official"][1], grads["reference"][1], rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(grads["official"][1], experts ** 2 * grads["kl_over_e"][1])
+    torch.testing.assert_close(grads["official"][1], experts * grads["kl"][1])
+    kl = grads["kl"][0]
+    assert grads["official"][0] == pytest.approx(experts * (kl + math.log(experts)), rel=1e-12)
 
 
 def test_router_rows_sum_to_one_and_stats():
