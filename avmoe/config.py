@@ -26,7 +26,9 @@ Choices recorded here (spec ../shared/spec/avmoe.md §8, numbers are that list's
   variants ("none", "paramfree", "v1") are in the "official" presets.
 * §8.2/§8.3 expert counts, K, r, G, BN, gates, adapted stages: "paper" presets follow the
   released *evaluation* scripts (spec §2.7; S4 = its test script: 2/2 experts, stages 0 and 2),
-  "official" presets follow the *training* scripts (S4: 1/1, all stages, UA v1).
+  "official" presets follow the *training* scripts (S4: 1/1, all stages, UA v1 with the code's
+  attention across the micro-batch's frames, ``mha_axis="frames"``; ``"tokens"``, attention over
+  each frame's tokens, is the reading of "self-attention" the other presets use for v1).
 * §8.4 audio adapters are added after the whole HTS-AT block (as the code, not the figure).
 * §8.5 bridge: ``bridge="dense"`` (official N_y x N_x token mixing) by default;
   ``"pool"`` (area pooling / bilinear interpolation of the token grid) and ``"linear"``
@@ -368,6 +370,9 @@ class AdapterConfig(Config):
     attn_scale: bool = False
     mha_heads: int = 4  # UA v1
     mha_dropout: float = 0.2
+    # UA v1: attend over each frame's tokens, or across the micro-batch's frames per token (the
+    # official code: nn.MultiheadAttention without batch_first); experts.UnimodalExpert
+    mha_axis: Literal["tokens", "frames"] = "tokens"
 
     def check(self, prefix: str = "") -> None:
         if self.kind == "moe" and self.num_cma + self.num_ua < 1:

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from avmoe.config import AdapterConfig
+from avmoe.tasks import get_task
 from avmoe.models.adapters import (
     AVPEAAdapter, Bottleneck, CrossModalExpert, LavishAdapter, ModalityBridge, MoEAdapter, Router,
     StreamSpec, UnimodalExpert, load_balance_loss,
@@ -145,6 +146,42 @@ def test_unimodal_variants_zero_at_init_then_active(variant):
     ua.eval()
     assert ua(x).abs().sum() > 0
     assert not any(isinstance(m, torch.nn.ReLU) for m in ua.bottleneck.modules())  # linear UA bottleneck
+
+
+def official_ua_v1(ua: UnimodalExpert, x: torch.Tensor) -> torch.Tensor:
+    """The official S4 unimodal expert "v1", transcribed from ``ExpertAdapter.forward``
+    (yingchengy/AVMOE AVS/avs_scripts/avs_s4/model/PVT_AVSModel_v2.py): its
+    ``MultiheadAttention(input_dim, num_heads=4, dropout=0.2)`` has no ``batch_first`` and is
+    called on the (B*T, N, D) tokens, then LN -> grouped Down -> Up (no ReLU) -> LN -> gate."""
+    mha = torch.nn.MultiheadAttention(ua.mha.embed_dim, ua.mha.num_heads, dropout=ua.mha.dropout)
+    mha.load_state_dict(ua.mha.state_dict())
+    mha = mha.to(x.dtype).eval()
+    attended, _ = mha(x, x, x)
+    return ua.out_gate * ua.bottleneck(attended)
+
+
+def test_unimodal_v1_attends_across_frames_in_official_preset():
+    torch.manual_seed(0)
+    x, _ = _xy(n=5)
+    x = x.double()
+    experts = {}
+    for axis in ("tokens", "frames"):
+        torch.manual_seed(1)  # same weights for both
+        ua = UnimodalExpert(X.dim, _cfg(ua_variant="v1", mha_heads=2, mha_axis=axis), gate=True).double().eval()
+        with torch.no_grad():
+            ua.out_gate.fill_(1.0)
+        experts[axis] = ua
+    official = official_ua_v1(experts["frames"], x)
+    torch.testing.assert_close(experts["frames"](x), official, rtol=1e-12, atol=1e-12)
+    assert (experts["tokens"](x) - official).abs().max() > 1e-2  # attention within a frame differs
+    # "frames": frame 0's output depends on the other frames of the batch (other videos); "tokens": never
+    x2 = x.clone()
+    x2[1:] += 1.0
+    assert not torch.allclose(experts["frames"](x2)[0], experts["frames"](x)[0])
+    torch.testing.assert_close(experts["tokens"](x2)[0], experts["tokens"](x)[0], rtol=0, atol=0)
+    s4 = get_task("avs-s4")
+    assert s4.config(preset="official").adapter.mha_axis == "frames"
+    assert s4.config(preset="paper", ua_variant="v1").adapter.mha_axis == "tokens"
 
 
 def test_cross_modal_expert_uses_guide_only_through_its_gate():

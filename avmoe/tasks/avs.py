@@ -115,8 +115,9 @@ class AVSTask(Task):
     }
     # per variant, applied after "base" and after the preset's layer
     variant_presets = {
+        # train_v2.sh: 1/1 experts, all 12 blocks, MHA UA (attending across frames, as the code does)
         "s4": {"official": {"adapter.num_cma": 1, "adapter.num_ua": 1, "adapter.num_skip": 1,
-                            "adapter.ua_variant": "v1"}},  # train_v2.sh: 1/1 experts, all 12 blocks, MHA UA
+                            "adapter.ua_variant": "v1", "adapter.mha_axis": "frames"}},
         "ms3": {"base": {"gamma": 0.1, "avm_weight": 0.5, "adapter.reduction": 2, "adapter.lb_weight": 0.01},
                 "tiny": {"adapter.reduction": 2}},
     }
