@@ -1,5 +1,6 @@
 """Every preset instantiates (paper / official on the meta device) and the parameter accounting
-matches the analytic adapter budget of the released scripts (spec §2.8)."""
+matches the analytic adapter budget of the released scripts (spec §2.8; AVS with the 87 latent
+tokens the official AVS model really builds, spec §2.7 correction)."""
 
 from __future__ import annotations
 
@@ -11,15 +12,22 @@ from avmoe.tasks import task_variants
 
 ADAPTER_PARTS = COMPONENTS[2:8]
 
-# (task, preset, overrides) -> (adapter params M, token-map params M) from spec §2.8
+# (task, preset, overrides) -> (adapter params M, token-map params M) from spec §2.8 (computed
+# there with K = 32; the AVS rows with K = 87, the official instantiation: spec §2.7)
 SPEC_BUDGET = [
     ("ave", "official", {}, 90.6, 76.4),
     ("avvp", "official", {}, 111.9, 81.2),
-    ("avs-s4", "official", {}, 198.0, 81.2),  # S4 train script (v1 MHA UA)
-    ("avs-s4", "paper", {"ua_variant": "v1"}, 166.0, 76.4),  # S4 test script
-    ("avs-ms3", "official", {}, 108.0, 76.4),
+    ("avs-s4", "official", {}, 199.70, 81.2),  # S4 train script (v1 MHA UA), 87 tokens
+    ("avs-s4", "official", {"num_tokens": 32}, 198.0, 81.2),  # as spec §2.8 computed it
+    ("avs-s4", "paper", {"ua_variant": "v1"}, 166.0, 76.4),  # S4 test script (K = 32 as passed)
+    ("avs-ms3", "official", {}, 111.14, 76.4),  # 87 tokens
+    ("avs-ms3", "official", {"num_tokens": 32}, 108.0, 76.4),
     ("avqa", "official", {}, 110.0, 81.2),
 ]
+
+# Swin-V2-L / HTS-AT widths per stage and paired blocks per stage (visual 2, 2, 18, 2 blocks
+# paired 1:1, 1:1, 3:1, 1:1 with HTS-AT's 2, 2, 6, 2)
+VISUAL_DIMS, AUDIO_DIMS, PAIRED = (192, 384, 768, 1536), (96, 192, 384, 768), (2, 2, 6, 2)
 
 
 def _adapter_params(counts) -> int:
@@ -36,6 +44,28 @@ def test_official_budgets_match_spec(task, preset, overrides, adapters_m, token_
     assert counts["visual backbone"] == (0, counts["visual backbone"][1])  # frozen
     assert counts["visual backbone"][1] / 1e6 == pytest.approx(195.2, abs=0.1)  # Swin-V2-L without classifier
     assert counts["audio backbone"][0] == 0
+
+
+@pytest.mark.parametrize("task,stages,latent_sets,official_m,paper_m", [
+    # S4 train script: all 4 stages, 1 CMA (latents) + 1 UA v1 (MHA, no latents);
+    # MS3: stages 0 and 2, 2 CMA + 2 UA v2, each with latents
+    ("avs-s4", (0, 1, 2, 3), 1, 199.70, 198.24),
+    ("avs-ms3", (0, 2), 4, 111.14, 107.85),
+])
+def test_avs_official_builds_the_87_latent_tokens_of_the_code(task, stages, latent_sets, official_m, paper_m):
+    """The official AVS model ignores --num_tokens (its adapters keep num_tk=87): trainable
+    adapter budget 199.70 M (S4) / 111.14 M (MS3) as the official code instantiates it, vs
+    198.24 / 107.85 with the 32 the scripts pass. The difference by hand: 55 extra latent tokens
+    of width D per latent set, per adapter (2 positions x (visual D_v + audio D_a) per block)."""
+    official, cfg = build_meta(task, "official")
+    assert cfg.adapter.num_tokens == 87
+    assert build_meta(task, "paper")[1].adapter.num_tokens == 32
+    with32, _ = build_meta(task, "official", num_tokens=32)
+    a87, a32 = _adapter_params(count_parameters(official)), _adapter_params(count_parameters(with32))
+    width_sum = sum(2 * PAIRED[s] * (VISUAL_DIMS[s] + AUDIO_DIMS[s]) for s in stages)
+    assert a87 - a32 == (87 - 32) * width_sum * latent_sets  # 1,457,280 (S4) / 3,294,720 (MS3)
+    assert a87 / 1e6 == pytest.approx(official_m, abs=0.005)
+    assert a32 / 1e6 == pytest.approx(paper_m, abs=0.005)
 
 
 @pytest.mark.parametrize("task", task_variants())

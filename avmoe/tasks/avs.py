@@ -111,11 +111,15 @@ class AVSTask(Task):
     config_class = AVSConfig
     presets = {
         # released scripts: S4 test_v2.sh (2/2, stages 0 and 2, r 8); MS3 (2/2, stages 0 and 2,
-        # r 2, lb 0.01); no BN; audio adapters ungated (is_gate=0); router noise 0.01 in training
+        # r 2, lb 0.01); no BN; audio adapters ungated (is_gate=0); router noise 0.01 in training;
+        # K = 32, the value the scripts pass (paper / tiny; "official" uses the 87 the code uses)
         "base": {"visual": paper_visual(antialias=False), "num_segments": 5,
                  "adapter": dict(num_cma=2, num_ua=2, num_skip=2, num_tokens=32, reduction=8, groups=2,
                                  use_bn=False, audio_gate=False, ua_variant="v2", router_noise=0.01, lb_weight=0.0)},
-        "official": {"backbone_train_mode": True, "audio.spec_augment": True, "audio.mixup": True},
+        # the official AVS model builds its adapters without the token count: MoEAdapter's
+        # default num_tk=87 applies and --num_tokens 32 is ignored
+        "official": {"backbone_train_mode": True, "audio.spec_augment": True, "audio.mixup": True,
+                     "adapter.num_tokens": 87},
         "tiny": {"visual": tiny_visual(antialias=False), "audio": tiny_audio(), "temporal": tiny_temporal(),
                  "adapter": tiny_adapter(num_skip=2, reduction=4), "channels": 16, "map_sizes": (8, 4, 2, 1),
                  "decoder_mid": 8, "decoder_last": 4},
