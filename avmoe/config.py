@@ -303,7 +303,11 @@ class VisualConfig(Config):
     window_size: int | None = None
     drop_path_rate: float = 0.1  # timm default; only active with backbone_train_mode
     weights: str | None = None  # local .pth / .safetensors; never downloaded
-    antialias: bool = True  # resize like PIL (AVS: False, its model interpolates tensors)
+    # frames of another size than img_size: True = antialiased bicubic, clamped to [0, 1] (close to
+    # a PIL resize of the decoded image); False = plain bicubic, no antialiasing, no clamp: what
+    # the official code computes (torchvision 0.14's Resize on float tensors in the AVE / AVVP /
+    # AVQA loaders, F.interpolate in the AVS model); "official" presets and every AVS preset
+    antialias: bool = True
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
 
