@@ -364,7 +364,11 @@ class AdapterConfig(Config):
     audio_gate: bool = True  # is_gate: False = audio experts add an ungated residual from step 0
     bridge: Literal["dense", "pool", "linear"] = "dense"
     num_skip: int = 2  # 2: stages 1 and 3 unadapted; 1: all stages
-    adapted_stages: tuple[int, ...] | None = None  # overrides num_skip when set
+    adapted_stages: tuple[int, ...] | None = None  # overrides num_skip (and avpea_coverage) when set
+    # AV-PEA (kind="avpea", adapters/avpea.py): "all" paired blocks, as its paper adapts every
+    # block, or those num_skip selects; its width map: a learned Linear or parameter-free resampling
+    avpea_coverage: Literal["all", "num_skip"] = "all"
+    avpea_map: Literal["linear", "resample"] = "linear"
     router_hidden: tuple[int, ...] = (128, 32)
     router_noise: float = 0.0  # std of Gaussian logit noise in training (AVS: 0.01)
     lb_weight: float = 0.0

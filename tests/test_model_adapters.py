@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from avmoe.config import AdapterConfig
 from avmoe.tasks import get_task
+from avmoe.models.adapters.avpea import ChannelResample
 from avmoe.models.adapters import (
     AVPEAAdapter, Bottleneck, CrossModalExpert, LavishAdapter, ModalityBridge, MoEAdapter, Router,
     StreamSpec, UnimodalExpert, load_balance_loss,
@@ -225,3 +226,23 @@ def test_single_adapters_zero_at_init(cls):
     assert lb is None and torch.equal(out, torch.zeros_like(x))
     ungated = cls(X, Y, _cfg(), gate=False)
     assert ungated(x, y)[0].abs().sum() > 0  # no output gate: active from step 0
+
+
+def test_avpea_width_maps_by_hand():
+    """AV-PEA's width map: a learned Linear (D_y x D_x + D_x parameters) or parameter-free
+    channel resampling (groups of channels averaged when shrinking, repeated when growing)."""
+    y = torch.tensor([[[1.0, 2.0, 3.0, 4.0]]])
+    torch.testing.assert_close(ChannelResample(2)(y), torch.tensor([[[1.5, 3.5]]]))
+    torch.testing.assert_close(ChannelResample(4)(torch.tensor([[[1.0, 2.0]]])), torch.tensor([[[1.0, 1.0, 2.0, 2.0]]]))
+    x, yy = _xy()
+    bottleneck = sum(p.numel() for p in Bottleneck(X.dim, 4, 2, False, relu=True).parameters())
+    linear = AVPEAAdapter(X, Y, _cfg(), gate=True)
+    light = AVPEAAdapter(X, Y, _cfg(avpea_map="resample"), gate=True)
+    assert sum(p.numel() for p in linear.parameters()) == (Y.dim * X.dim + X.dim) + bottleneck + 2
+    assert sum(p.numel() for p in light.parameters()) == bottleneck + 2  # bottleneck + two gates
+    out, _ = light(x, yy)
+    assert torch.equal(out, torch.zeros_like(x))  # zero output gate at init, like every adapter
+    with torch.no_grad():
+        light.out_gate.fill_(1.0)
+        light.cross_gate.fill_(1.0)
+    assert light(x, yy)[0].abs().sum() > 0 and light(x, yy)[0].shape == x.shape

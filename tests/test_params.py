@@ -68,6 +68,41 @@ def test_avs_official_builds_the_87_latent_tokens_of_the_code(task, stages, late
     assert a32 / 1e6 == pytest.approx(paper_m, abs=0.005)
 
 
+def _blocks(model) -> int:
+    return len({name.split("_")[0] for name in model.trunk.adapters})
+
+
+def test_avpea_adapts_every_paired_block_by_default():
+    """AV-PEA's paper adapts every block: 12 of 12 paired blocks even in a preset that skips
+    stages 1 and 3 for its MoE adapters (AVE: num_skip=2); avpea_coverage=num_skip gives the 8 of
+    before. Per adapter (AVE paper: r 8, G 2, BN), the learned width map is 76-94 % of the
+    parameters: D_y D_x + D_x against 2 D^2/(r G) + 4 D (LNs) + 2 D/r + 2 D (BNs) + 2 gates."""
+    model, cfg = build_meta("ave", "paper", kind="avpea")
+    assert cfg.adapter.num_skip == 2 and _blocks(model) == 12
+    assert _blocks(build_meta("ave", "paper", kind="avpea", avpea_coverage="num_skip")[0]) == 8
+    assert _blocks(build_meta("ave", "paper", kind="avpea", adapted_stages=(0,))[0]) == 2
+
+    def by_hand(d_x: int, d_y: int, linear: bool = True) -> tuple[int, int]:  # (width map, adapter)
+        width_map = d_y * d_x + d_x if linear else 0
+        rest = 2 * d_x * (d_x // 8) // 2 + 4 * d_x + 2 * (d_x // 8) + 2 * d_x + 2
+        return width_map, width_map + rest
+
+    pairs = [(v, a) for v, a in zip(VISUAL_DIMS, AUDIO_DIMS)] + [(a, v) for v, a in zip(VISUAL_DIMS, AUDIO_DIMS)]
+    fractions = {round(m / t, 6) for m, t in (by_hand(dx, dy) for dx, dy in pairs)}
+    measured = {round(sum(p.numel() for p in ad.dim_map.parameters()) / sum(p.numel() for p in ad.parameters()), 6)
+                for ad in model.trunk.adapters.values()}
+    assert measured == fractions and 0.76 < min(fractions) and max(fractions) < 0.94
+
+    def total(linear: bool) -> int:  # 2 positions x (visual + audio adapter) per paired block
+        return sum(2 * PAIRED[s] * (by_hand(VISUAL_DIMS[s], AUDIO_DIMS[s], linear)[1]
+                                    + by_hand(AUDIO_DIMS[s], VISUAL_DIMS[s], linear)[1]) for s in range(4))
+
+    assert count_parameters(model)["adapter (other)"][0] == total(True) == 20_140_224
+    light, _ = build_meta("ave", "paper", kind="avpea", avpea_map="resample")
+    assert _blocks(light) == 12
+    assert count_parameters(light)["adapter (other)"][0] == total(False) == 2_861_376  # bottlenecks + gates
+
+
 @pytest.mark.parametrize("task", task_variants())
 def test_paper_presets_on_meta_and_pool_bridge(task):
     dense, _ = build_meta(task, "paper")
