@@ -68,6 +68,40 @@ def test_avs_official_builds_the_87_latent_tokens_of_the_code(task, stages, late
     assert a32 / 1e6 == pytest.approx(paper_m, abs=0.005)
 
 
+def test_ave_head_counts_what_the_official_head_uses():
+    """AVE head (TemporalAttention + CMBS) by hand from the official module definitions
+    (yingchengy/AVMOE AVE/nets/net_trans_v3.py, nets/models.py; d = 256, FFN 1024, 4 heads).
+    The official code instantiates 12.09 M: each InternalTemporalRelationModule keeps its
+    ``encoder_layer`` template beside the 2 deep copies the Encoder runs, each
+    CrossModalRelationAttModule its ``decoder_layer`` beside the 1 copy, and every DecoderLayer
+    an unused self-attention. Used (what gets gradients): 7.88 M, exactly what we build."""
+    d, f = 256, 1024
+    linear = lambda i, o: i * o + o  # noqa: E731
+    mha = 4 * d * d + 4 * d  # in_proj (3d x d + 3d) + out_proj (d x d + d)
+    enc_layer = mha + linear(d, f) + linear(f, d) + 2 * 2 * d  # + 2 LayerNorms
+    dec_layer_used = enc_layer  # cross-attention + FFN + 2 LNs
+    dec_layer = dec_layer_used + mha  # + the self-attention it never calls
+    lstm = lambda i, h: 2 * 4 * (h * i + h * h + 2 * h)  # noqa: E731  bidirectional, 1 layer
+    used = (linear(1536, 512) + linear(768, 128)  # v_fc, a_fc
+            + lstm(128, 128) + lstm(512, 256)  # audio / visual LSTMs
+            + linear(512, d) + 2 * enc_layer + linear(d, d) + 2 * enc_layer  # video / audio encoders
+            + linear(512, d) + dec_layer_used + linear(d, d) + dec_layer_used  # video / audio decoders
+            + 2 * linear(d, 1)  # gates
+            + linear(d, 1) + linear(d, 28) + 2 * linear(d, 28))  # CMBS: is_event, event, 2 CAS
+    instantiated = used + 2 * enc_layer + 2 * dec_layer + 2 * mha  # templates + unused self-attn
+    assert used == 7_881_687 and instantiated == 12_093_399
+    model, _ = build_meta("ave", "paper")
+    assert count_parameters(model)["head"] == (used, used)
+    # the figures the documentation states are these counts
+    import pathlib
+
+    import avmoe.models
+
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for text in (avmoe.models.__doc__, readme):
+        assert f"{used / 1e6:.2f} M" in text and f"{instantiated / 1e6:.2f} M" in text
+
+
 def _blocks(model) -> int:
     return len({name.split("_")[0] for name in model.trunk.adapters})
 
