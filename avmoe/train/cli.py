@@ -107,6 +107,8 @@ def format_results(r: dict[str, Any]) -> str:
                      f"checkpoint {b['checkpoint']})")
     if "test" in r:
         lines.append("  test: " + ", ".join(f"{k} {v:.4f}" for k, v in r["test"].items()))
+    if r.get("test_fallback"):
+        lines.append(f"  note: {r['test_fallback']}")
     for k in ("test_drop_audio", "test_drop_visual"):
         if k in r:
             lines.append(f"  {k.replace('_', ' ')}: " + ", ".join(f"{m} {v:.4f}" for m, v in r[k].items()))

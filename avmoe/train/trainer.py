@@ -8,9 +8,13 @@ with Adam that only changes epsilon's relative weight, spec §8.14).
 
 Per epoch: ``train_epoch`` (``train_step`` after ``train_step``), ``validate`` with the exact
 metric, ``save`` a checkpoint (named ``epoch-EEEE-step-SSSSSSS``) scored by that metric. Best =
-highest validation score (never the test split). ``finish``: restore the best checkpoint,
-evaluate the test split (and with ``eval_drop``, again with that modality absent), write
-results.json and the plots.
+highest validation score (never the test split), the latest of equal ones: Ray Train's own
+retention order (``checkpoint.is_new_best``), so Ray never deletes it; early stopping counts the
+epochs without a strictly higher score. ``finish``: restore the best checkpoint, evaluate the
+test split (and with ``eval_drop``, again with that modality absent), write results.json and
+the plots. A run whose training finished always ends with its results: should the best
+checkpoint be gone from storage, the final weights are tested and results.json says so
+(``test_fallback``).
 
 Everything task-specific comes from the task object (``avmoe.tasks``): model, loss, metric,
 OGM-GE scores, pictures. Test seams: ``make_stream`` (the data source of a split) and
@@ -382,6 +386,7 @@ class Trainer:
         self.metrics.set_validation(primary, score)
         self.metrics.set_router_usage(self.module.router_stats())
         improved = not math.isnan(score) and (st.best_score is None or score > st.best_score)
+        new_best = ckpt_io.is_new_best(score, st.best_score)  # ties: the later one, as Ray ranks them
         st.epoch += 1
         st.batches_done = 0
         row = {"epoch": epoch, "step": st.step, "train_loss": tl[0], "train_parts": dict(zip(self._parts_sum, tl[1:])),
@@ -391,16 +396,14 @@ class Trainer:
             row["ogm"] = dict(self.ogm.last)
         st.history.append(row)
         name = self.checkpoint_name()
-        if improved:
+        if new_best:
             st.best_score, st.best_checkpoint, st.best_epoch = score, name, epoch
-            st.bad_epochs = 0
-        else:
-            st.bad_epochs += 1
+        st.bad_epochs = 0 if improved else st.bad_epochs + 1
         early_stop = self.opt.early_stop
         st.stopped_early = bool(early_stop) and st.bad_epochs >= early_stop
         if self.rank == 0:
             log.info("epoch %d: train_loss %.4f val %s=%.4f%s", epoch, tl[0], primary, score,
-                     " (best)" if improved else "")
+                     " (best)" if new_best else "")
         self.save(name, score if not math.isnan(score) else NO_SCORE, {"train_loss": tl[0], f"val_{primary}": score})
 
     def validate(self, stream=None, drop: str | None = None) -> EvalResult:
@@ -441,14 +444,20 @@ class Trainer:
         }
         test_items = None
         if (tcfg.evaluation.test or self.eval_only) and not self.stopped_at_max_steps:
+            tested = self.eval_source or st.best_checkpoint or self.checkpoint_name()
             if not self.eval_only and st.best_checkpoint and st.best_checkpoint != self.checkpoint_name():
-                with self.session.open_checkpoint(st.best_checkpoint) as d:
-                    ckpt_io.load(self.engine, d, self.rank)
+                gone = self._load_best()
+                if gone:
+                    tested = self.checkpoint_name()
+                    results["test_fallback"] = (f"the best checkpoint {st.best_checkpoint} could not be read "
+                                                f"({gone}); the test split was evaluated with the final "
+                                                f"weights ({tested}) instead")
+                    log.warning("rank %d: %s", self.rank, results["test_fallback"])
             # (no finite validation score, best_checkpoint None: the last weights are tested)
             test_stream = self.make_stream(tcfg.paths.test_split, self.batch_size, False, False)
             test = self.validate(test_stream)
             results["test"] = test.metrics
-            results["test_checkpoint"] = self.eval_source or st.best_checkpoint or self.checkpoint_name()
+            results["test_checkpoint"] = tested
             test_items = test.items
             drop = tcfg.evaluation.eval_drop
             if drop:
@@ -459,6 +468,21 @@ class Trainer:
             self._write_results(results, test_items)
         # the driver reads results.json from storage (Ray's Result carries the last *checkpoint's* metrics)
         self.session.report({"final": True, "test": results.get("test") if self.rank == 0 else None})
+
+    def _load_best(self) -> str | None:
+        """Restore the best checkpoint; returns why it cannot be read (then nothing is loaded), on
+        every rank alike (a rank that loads while another does not would hang in the collectives)."""
+        with contextlib.ExitStack() as stack:
+            problem = None
+            try:
+                d = stack.enter_context(self.session.open_checkpoint(self.state.best_checkpoint))
+                ckpt_io.read_meta(d)
+            except OSError as e:  # gone from storage (FileNotFoundError), unreadable
+                problem = str(e)
+            if _allreduce([1.0 if problem else 0.0], self.device, "max")[0]:
+                return problem or "unreadable on another rank"
+            ckpt_io.load(self.engine, d, self.rank)
+        return None
 
     def _write_results(self, results: dict[str, Any], items) -> str:
         from avmoe.plots import plot_run
