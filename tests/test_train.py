@@ -171,7 +171,8 @@ def test_resume_and_fault_recovery_match_an_uninterrupted_run(ave_data, tmp_path
       run name (Ray Train v2 resume: get_checkpoint() = the latest); in that second fit rank 1
       dies (os._exit) after step 3, with a checkpoint every 2 steps, so the worker group restarts
       from step 2 (FailureConfig(max_failures=1)) and completes.
-    Both end with bit-identical trainable weights (exact ingest resume + restored RNG)."""
+    Both end with bit-identical trainable weights (exact ingest resume + restored RNG) and equal
+    history rows (the checkpoints carry each rank's partial train-loss sums)."""
     from avmoe.train import fit, prepare
 
     storage = str(tmp_path)
@@ -200,6 +201,8 @@ def test_resume_and_fault_recovery_match_an_uninterrupted_run(ave_data, tmp_path
     for k in w_full:
         assert torch.equal(w[k], w_full[k]), k
     assert full["history"][-1]["val"] == resumed["history"][-1]["val"]
+    # train_loss (and its parts) of the resumed epoch cover the steps before each interruption too
+    assert resumed["history"] == full["history"]
 
 
 class Plateau(Trainer):

@@ -114,6 +114,12 @@ def test_mid_epoch_resume_in_process_is_exact(tmp_path):
     b = ckpt_io.trainable_state(os.path.join(tmp_path, "part", "epoch-0002-step-0000004"))
     for k in a:
         assert torch.equal(a[k], b[k]), k
+    # the resumed epoch's train loss (and its parts) covers its steps before the stop too
+    assert part["history"] == full["history"]
+    carried = json.load(open(os.path.join(tmp_path, "part", "epoch-0001-step-0000003", "trainer.json")))
+    loss = carried["trainer"]["epoch_loss"]
+    assert loss["world_size"] == 1 and loss["per_rank"][0][1] == 2  # 2 micro-batches of epoch 1 so far
+    assert set(loss["parts"]) == set(full["history"][1]["train_parts"])
 
 
 @pytest.mark.parametrize("scores", [

@@ -6,7 +6,7 @@
 * ``rank-R.json`` -- written by each rank: its ingest state (``ShardStream.state``) and its RNG
   states (torch, numpy, python), as JSON;
 * ``trainer.json`` -- rank 0: epoch, batches consumed in it, optimiser step, best-on-validation,
-  per-epoch history, and ``meta`` (ZeRO stage, world size, task, config) for ``--eval-only``
+  per-epoch history, every rank's partial train-loss sums of a mid-epoch checkpoint, and ``meta`` (ZeRO stage, world size, task, config) for ``--eval-only``
   (stage 0-2 checkpoints: only the weights, ``load_weights``, on any worker count).
 
 No pickle is trusted on load: DeepSpeed's files are read with ``torch.load(weights_only=True)``

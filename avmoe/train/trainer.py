@@ -64,6 +64,9 @@ class RunState:
     bad_epochs: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
     stopped_early: bool = False  # early stop on validation (epochs is re-read on resume)
+    # a mid-epoch checkpoint's partial train-loss sums, so that the resumed epoch reports the loss
+    # of all its steps: {"world_size": W, "parts": [names], "per_rank": [[sum, count, *parts], ...]}
+    epoch_loss: dict[str, Any] | None = None
 
 
 # --------------------------------------------------------------------------- helpers
@@ -316,7 +319,7 @@ class Trainer:
         else:
             it = self.train_stream.epoch(epoch, start_batch=st.batches_done)
         self.train_ingest_state = None
-        self._loss_sum, self._loss_n, self._parts_sum = 0.0, 0, {}
+        self._restore_epoch_loss()
         self._t_last = time.perf_counter()
         try:
             while st.batches_done < total_batches:
@@ -334,6 +337,37 @@ class Trainer:
             with contextlib.suppress(Exception):
                 it.close()
         return True
+
+    def _restore_epoch_loss(self) -> None:
+        """This rank's train-loss sums of the epoch so far: zero at an epoch's start, else those a
+        mid-epoch checkpoint carried (its own row on the same world size, bit for bit; on
+        another world size rank 0 takes the global sums, which is what ``end_epoch`` adds up)."""
+        self._loss_sum, self._loss_n, self._parts_sum = 0.0, 0, {}
+        carried, st = self.state.epoch_loss, self.state
+        st.epoch_loss = None
+        if not carried or not st.batches_done:
+            return
+        rows = carried["per_rank"]
+        if carried["world_size"] == self.world:
+            row = rows[self.rank]
+        elif self.rank == 0:
+            row = [sum(col) for col in zip(*rows)]
+        else:
+            return
+        self._loss_sum, self._loss_n = row[0], int(row[1])
+        self._parts_sum = dict(zip(carried["parts"], row[2:]))
+
+    def _epoch_loss_state(self) -> dict[str, Any] | None:
+        """Every rank's partial train-loss sums of the current epoch (collective), or None at an
+        epoch boundary."""
+        if not self.state.batches_done:
+            return None
+        mine = [self._loss_sum, float(self._loss_n), *self._parts_sum.values()]
+        flat = [0.0] * (self.world * len(mine))
+        flat[self.rank * len(mine):(self.rank + 1) * len(mine)] = mine
+        flat = _allreduce(flat, self.device)  # (adding zeros: every rank's row exactly)
+        rows = [flat[r * len(mine):(r + 1) * len(mine)] for r in range(self.world)]
+        return {"world_size": self.world, "parts": list(self._parts_sum), "per_rank": rows}
 
     def train_step(self, it) -> float:
         """``grad_accum`` micro-batches and one optimiser step; returns the last micro-batch's loss."""
@@ -379,8 +413,8 @@ class Trainer:
     def end_epoch(self) -> None:
         """Global train loss, validation, best-so-far, early stop, the epoch's checkpoint."""
         st, epoch, primary = self.state, self.state.epoch, self.task.primary_metric
-        n = max(1, self._loss_n)
-        tl = _allreduce([self._loss_sum / n] + [v / n for v in self._parts_sum.values()], self.device, "mean")
+        sums = _allreduce([float(self._loss_n), self._loss_sum, *self._parts_sum.values()], self.device)
+        tl = [v / max(1.0, sums[0]) for v in sums[1:]]  # means over every micro-batch of every rank
         val = self.validate()
         score = float(val.metrics.get(primary, float("nan")))
         self.metrics.set_validation(primary, score)
@@ -413,6 +447,7 @@ class Trainer:
     def save(self, dir_name: str, score: float, extra_metrics: dict[str, Any]) -> None:
         t0 = time.perf_counter()
         st, tcfg = self.state, self.tcfg
+        st.epoch_loss = self._epoch_loss_state()
         with tempfile.TemporaryDirectory(prefix="avmoe-ckpt-") as d:
             ingest = self.train_stream.state(st.epoch, st.batches_done) if self.train_stream else None
             ckpt_io.save(self.engine, d, self.rank, trainer=st.__dict__,
