@@ -149,7 +149,17 @@ def main(task_name: str, argv: list[str] | None = None) -> int:
         print(json.dumps(d, indent=1))
         return 0
     connect(tcfg)
-    results = fit(tcfg, prepared=True)
+    try:
+        results = fit(tcfg, prepared=True)
+    except SystemExit:  # SIGTERM / SIGHUP (Ray's own shutdown then runs at exit)
+        from avmoe.ray_env import termination_signal
+
+        sig = termination_signal()
+        if sig is None:
+            raise
+        print(f"[{task_name}] stopped by signal {sig}; run again with --name {tcfg.run_name()} to resume "
+              f"from its latest checkpoint", file=sys.stderr)
+        return 128 + sig
     print(format_results(results))
     print(f"[{task_name}] done in {time.perf_counter() - t0:.0f} s")
     return 0
