@@ -91,7 +91,7 @@ def init_local_ray(num_cpus: int | None = None, **kwargs):
         _node_ip_address="127.0.0.1",
         **kwargs,
     )
-    guard.announce(ray_guard.children_started_since(before), ctx.address_info.get("session_dir"))
+    guard.announce(ray_guard.started_since(before), ctx.address_info.get("session_dir"))
     exit_on_termination_signals()
     return ray
 

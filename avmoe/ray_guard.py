@@ -11,9 +11,9 @@ failure-signal handler replaces the Python one ``ray.init`` installs, so no ``at
 * turns SIGTERM / SIGHUP into ``SystemExit`` in the driver, so Ray's own ``atexit`` shutdown runs;
 * starts this guard (``start_guard``): a small process in its own session (a Ctrl-C or a signal to
   the driver's process group does not reach it) reading a pipe from the driver. The driver sends
-  the pids of the processes ``ray.init`` started (the "roots") and the session directory; the guard
-  records the roots' descendants every second (the agents start with the raylet; a worker
-  started in the last second dies with its raylet anyway). End of file on the pipe = the driver
+  the pids of the processes ``ray.init`` started and of their descendants then (the "roots": the
+  agents are among them) and the session directory; the guard records the roots' descendants
+  every second (a worker started in the last second dies with its raylet anyway). End of file on the pipe = the driver
   is gone: every recorded process still running 3 s later (same pid *and* start time: never a
   recycled pid) gets SIGTERM, then SIGKILL 3 s after that.
 
@@ -56,20 +56,26 @@ def start_guard() -> Guard:
     """Start the guard of this (driver) process; it lives until this process exits."""
     proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), str(os.getpid())],
                             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, start_new_session=True)
+    # a forked child (exec'd ones never get the pipe) must not keep the guard waiting for its end
+    os.register_at_fork(after_in_child=proc.stdin.close)
     return Guard(proc)
 
 
-def children_started_since(before: set[int]) -> dict[int, float]:
-    """{pid: start time} of this process's children that are not in ``before``."""
+def started_since(before: set[int]) -> dict[int, float]:
+    """{pid: start time} of this process's children that are not in ``before`` and of all their
+    descendants (recorded here, while they are surely alive: a driver killed right after
+    ``ray.init`` must not leave its agents unrecorded)."""
     import psutil
 
     out = {}
     for c in psutil.Process().children():
-        if c.pid not in before:
-            try:
-                out[c.pid] = c.create_time()
-            except psutil.Error:
-                pass
+        if c.pid in before:
+            continue
+        try:
+            for p in [c, *c.children(recursive=True)]:
+                out[p.pid] = p.create_time()
+        except psutil.Error:
+            pass
     return out
 
 
