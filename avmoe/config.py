@@ -28,7 +28,9 @@ Choices recorded here (spec ../shared/spec/avmoe.md §8, numbers are that list's
   released *evaluation* scripts (spec §2.7; S4 = its test script: 2/2 experts, stages 0 and 2),
   "official" presets follow the *training* scripts (S4: 1/1, all stages, UA v1 with the code's
   attention across the micro-batch's frames, ``mha_axis="frames"``; ``"tokens"``, attention over
-  each frame's tokens, is the reading of "self-attention" the other presets use for v1).
+  each frame's tokens, is the reading of "self-attention" the other presets use for v1). K: the
+  scripts pass 32, but the official AVS model builds 87 latent tokens ("official" AVS presets).
+  AV-PEA (``kind="avpea"``) adapts every paired block (``avpea_coverage``).
 * §8.4 audio adapters are added after the whole HTS-AT block (as the code, not the figure).
 * §8.5 bridge: ``bridge="dense"`` (official N_y x N_x token mixing) by default;
   ``"pool"`` (area pooling / bilinear interpolation of the token grid) and ``"linear"``
@@ -45,10 +47,13 @@ Choices recorded here (spec ../shared/spec/avmoe.md §8, numbers are that list's
 * §8.8 backbones are frozen AND in eval mode by default (no BN drift, no DropPath, no
   SpecAugment, no mixup); ``backbone_train_mode=True`` + ``audio.spec_augment`` +
   ``audio.mixup`` reproduce the official train-mode behaviour.
+* Frame resize (``visual.antialias``): "official" presets and AVS interpolate like the official
+  code (plain bicubic, no antialiasing, no clamp); AVE / AVVP / AVQA "paper" / "tiny" antialias.
 * §8.9 warm starts (DG-SCT AVE head, AVQA grounding) are not part of the model; the
   trainer may load them with ``strict=False``.
 * §8.10 model selection: always on the validation split (``val_split`` of the training
-  config; the released AVE / AVS scripts select on test, which ``val_split=test`` reproduces).
+  config; the released AVE / AVS scripts select on test, which ``val_split=test`` reproduces);
+  of equal scores the later checkpoint (Ray Train's retention order; the scripts keep the first).
 * §8.13 AVQA: 42 answers; vocab size comes from the shards' manifest.
 """
 
