@@ -27,12 +27,15 @@ LOOPBACK_VARS = {
 }
 
 
+def cache_root() -> Path:
+    """``AVMOE_CACHE_DIR``, else ``$XDG_CACHE_HOME/avmoe`` or ``~/.cache/avmoe``."""
+    return Path(os.environ.get("AVMOE_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "avmoe"))
+
+
 def default_home() -> Path:
     """A private HOME holding ``ray_bootstrap_config.yaml`` (stops the metadata probes)."""
-    root = os.environ.get("AVMOE_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "avmoe"
-    )
-    return Path(root) / "ray-home"
+    return cache_root() / "ray-home"
 
 
 def on_cluster() -> bool:
@@ -49,6 +52,9 @@ def loopback_env(home: str | os.PathLike | None = None) -> dict[str, str]:
         cfg.write_text(BOOTSTRAP_CONFIG)
     env = dict(LOOPBACK_VARS)
     env["HOME"] = str(home_path)
+    # the cache root is pinned before HOME changes: applied again (a job's main, then
+    # init_local_ray) the private HOME must not nest inside itself (~/.cache/avmoe/ray-home/.cache/...)
+    env["AVMOE_CACHE_DIR"] = str(cache_root())
     # torch's JIT extension cache (DeepSpeed's CPU comm op) otherwise follows HOME and is
     # rebuilt (~40 s) for every new private HOME; keep it in the shared cache instead.
     env.setdefault(

@@ -118,3 +118,17 @@ def test_sighup_ends_the_driver_through_its_atexit_handlers():
     finally:
         if p.poll() is None:
             p.kill()
+
+
+def test_the_loopback_environment_applied_twice_keeps_one_home(tmp_path):
+    """A job applies it in its main and again in init_local_ray: the private HOME used to nest
+    inside itself (~/.cache/avmoe/ray-home/.cache/avmoe/ray-home)."""
+    env = {k: v for k, v in _env().items() if k not in ("AVMOE_CACHE_DIR", "XDG_CACHE_HOME")}
+    env["HOME"] = str(tmp_path)
+    code = ("import os\n"
+            "from avmoe.ray_env import apply_loopback_env\n"
+            "homes = [apply_loopback_env(force=True)['HOME'] for _ in range(2)]\n"
+            "print(homes[0]); print(homes[1])\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out == [str(tmp_path / ".cache" / "avmoe" / "ray-home")] * 2
