@@ -26,7 +26,11 @@ Choices recorded here (spec ../shared/spec/avmoe.md §8, numbers are that list's
   variants ("none", "paramfree", "v1") are in the "official" presets.
 * §8.2/§8.3 expert counts, K, r, G, BN, gates, adapted stages: "paper" presets follow the
   released *evaluation* scripts (spec §2.7; S4 = its test script: 2/2 experts, stages 0 and 2),
-  "official" presets follow the *training* scripts (S4: 1/1, all stages, UA v1).
+  "official" presets follow the *training* scripts (S4: 1/1, all stages, UA v1 with the code's
+  attention across the micro-batch's frames, ``mha_axis="frames"``; ``"tokens"``, attention over
+  each frame's tokens, is the reading of "self-attention" the other presets use for v1). K: the
+  scripts pass 32, but the official AVS model builds 87 latent tokens ("official" AVS presets).
+  AV-PEA (``kind="avpea"``) adapts every paired block (``avpea_coverage``).
 * §8.4 audio adapters are added after the whole HTS-AT block (as the code, not the figure).
 * §8.5 bridge: ``bridge="dense"`` (official N_y x N_x token mixing) by default;
   ``"pool"`` (area pooling / bilinear interpolation of the token grid) and ``"linear"``
@@ -34,16 +38,22 @@ Choices recorded here (spec ../shared/spec/avmoe.md §8, numbers are that list's
 * §8.6 attention in CMA/UA experts is unscaled with U[0,1) latents, as the code
   (``attn_scale=False``); ``attn_scale=True`` divides by sqrt(D).
 * §8.7 soft dense routing, noise only in AVS (sigma 0.01), load balance weight 1.0 (AVVP),
-  0.01 (MS3), else 0; summed over adapters (``lb_reduction="sum"``). The official
-  ``F.kl_div(log p, U, reduction="batchmean")`` on a 1-D tensor divides the KL by E
-  (``lb_batchmean=True`` reproduces that; False gives the plain KL(U || p)).
+  0.01 (MS3), else 0; summed over adapters (``lb_reduction="sum"``). Every preset computes
+  the official value, −Σ_e log p̄_e (``lb_form="official"``: the code's router output is
+  (B, 1, E), so its ``kl_div(log p̄, 1/p̄.size(0), "batchmean")`` has a target of 1.0 and a
+  divisor of 1); the weights 1.0 / 0.01 were tuned with it. ``lb_form="kl"`` is the equation
+  KL(U ‖ p̄) (gradient 1/E of the official), ``"kl_over_e"`` KL/E (gradient 1/E², our former
+  default).
 * §8.8 backbones are frozen AND in eval mode by default (no BN drift, no DropPath, no
   SpecAugment, no mixup); ``backbone_train_mode=True`` + ``audio.spec_augment`` +
   ``audio.mixup`` reproduce the official train-mode behaviour.
+* Frame resize (``visual.antialias``): "official" presets and AVS interpolate like the official
+  code (plain bicubic, no antialiasing, no clamp); AVE / AVVP / AVQA "paper" / "tiny" antialias.
 * §8.9 warm starts (DG-SCT AVE head, AVQA grounding) are not part of the model; the
   trainer may load them with ``strict=False``.
 * §8.10 model selection: always on the validation split (``val_split`` of the training
-  config; the released AVE / AVS scripts select on test, which ``val_split=test`` reproduces).
+  config; the released AVE / AVS scripts select on test, which ``val_split=test`` reproduces);
+  of equal scores the later checkpoint (Ray Train's retention order; the scripts keep the first).
 * §8.13 AVQA: 42 answers; vocab size comes from the shards' manifest.
 """
 
@@ -317,7 +327,11 @@ class VisualConfig(Config):
     window_size: int | None = None
     drop_path_rate: float = 0.1  # timm default; only active with backbone_train_mode
     weights: str | None = None  # local .pth / .safetensors; never downloaded
-    antialias: bool = True  # resize like PIL (AVS: False, its model interpolates tensors)
+    # frames of another size than img_size: True = antialiased bicubic, clamped to [0, 1] (close to
+    # a PIL resize of the decoded image); False = plain bicubic, no antialiasing, no clamp: what
+    # the official code computes (torchvision 0.14's Resize on float tensors in the AVE / AVVP /
+    # AVQA loaders, F.interpolate in the AVS model); "official" presets and every AVS preset
+    antialias: bool = True
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
 
@@ -374,16 +388,23 @@ class AdapterConfig(Config):
     audio_gate: bool = True  # is_gate: False = audio experts add an ungated residual from step 0
     bridge: Literal["dense", "pool", "linear"] = "dense"
     num_skip: int = 2  # 2: stages 1 and 3 unadapted; 1: all stages
-    adapted_stages: tuple[int, ...] | None = None  # overrides num_skip when set
+    adapted_stages: tuple[int, ...] | None = None  # overrides num_skip (and avpea_coverage) when set
+    # AV-PEA (kind="avpea", adapters/avpea.py): "all" paired blocks, as its paper adapts every
+    # block, or those num_skip selects; its width map: a learned Linear or parameter-free resampling
+    avpea_coverage: Literal["all", "num_skip"] = "all"
+    avpea_map: Literal["linear", "resample"] = "linear"
     router_hidden: tuple[int, ...] = (128, 32)
     router_noise: float = 0.0  # std of Gaussian logit noise in training (AVS: 0.01)
     lb_weight: float = 0.0
     lb_reduction: Literal["sum", "mean"] = "sum"  # over adapters
-    lb_batchmean: bool = True
+    lb_form: Literal["official", "kl", "kl_over_e"] = "official"  # see load_balance_loss
     ua_relu: bool = False
     attn_scale: bool = False
     mha_heads: int = 4  # UA v1
     mha_dropout: float = 0.2
+    # UA v1: attend over each frame's tokens, or across the micro-batch's frames per token (the
+    # official code: nn.MultiheadAttention without batch_first); experts.UnimodalExpert
+    mha_axis: Literal["tokens", "frames"] = "tokens"
 
     def check(self, prefix: str = "") -> None:
         if self.kind == "moe" and self.num_cma + self.num_ua < 1:

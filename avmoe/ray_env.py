@@ -27,12 +27,15 @@ LOOPBACK_VARS = {
 }
 
 
+def cache_root() -> Path:
+    """``AVMOE_CACHE_DIR``, else ``$XDG_CACHE_HOME/avmoe`` or ``~/.cache/avmoe``."""
+    return Path(os.environ.get("AVMOE_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "avmoe"))
+
+
 def default_home() -> Path:
     """A private HOME holding ``ray_bootstrap_config.yaml`` (stops the metadata probes)."""
-    root = os.environ.get("AVMOE_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "avmoe"
-    )
-    return Path(root) / "ray-home"
+    return cache_root() / "ray-home"
 
 
 def on_cluster() -> bool:
@@ -49,6 +52,9 @@ def loopback_env(home: str | os.PathLike | None = None) -> dict[str, str]:
         cfg.write_text(BOOTSTRAP_CONFIG)
     env = dict(LOOPBACK_VARS)
     env["HOME"] = str(home_path)
+    # the cache root is pinned before HOME changes: applied again (a job's main, then
+    # init_local_ray) the private HOME must not nest inside itself (~/.cache/avmoe/ray-home/.cache/...)
+    env["AVMOE_CACHE_DIR"] = str(cache_root())
     # torch's JIT extension cache (DeepSpeed's CPU comm op) otherwise follows HOME and is
     # rebuilt (~40 s) for every new private HOME; keep it in the shared cache instead.
     env.setdefault(
@@ -72,12 +78,55 @@ def apply_loopback_env(home: str | os.PathLike | None = None, force: bool = Fals
 
 def init_local_ray(num_cpus: int | None = None, **kwargs):
     """Start an embedded, loopback-only Ray (``address="local"`` ignores a stale
-    ``/tmp/ray/ray_current_cluster``)."""
+    ``/tmp/ray/ray_current_cluster``) that cleans up after itself: SIGTERM / SIGHUP end the
+    driver through ``SystemExit`` (so Ray's ``atexit`` shutdown runs), and a guard process stops
+    whatever of this Ray outlives the driver, SIGKILL included (``avmoe.ray_guard``)."""
     apply_loopback_env()
     import ray
 
+    from avmoe import ray_guard
+
     if ray.is_initialized():
         return ray
+    guard = ray_guard.start_guard()
+    before = ray_guard.child_pids() | {guard.proc.pid}
     kwargs.setdefault("include_dashboard", False)
-    ray.init(address="local", num_cpus=num_cpus, _node_ip_address="127.0.0.1", **kwargs)
+    ctx = ray.init(
+        address="local",
+        num_cpus=num_cpus,
+        _node_ip_address="127.0.0.1",
+        **kwargs,
+    )
+    guard.announce(ray_guard.started_since(before), ctx.address_info.get("session_dir"))
+    exit_on_termination_signals()
     return ray
+
+
+_RECEIVED: list[int] = []  # the termination signals this process got (Ray may re-raise SystemExit(1))
+
+
+def _exit(signum, frame) -> None:
+    _RECEIVED.append(signum)
+    raise SystemExit(128 + signum)
+
+
+def termination_signal() -> int | None:
+    """The SIGTERM / SIGHUP that ended this driver, if one did (``exit_on_termination_signals``)."""
+    return _RECEIVED[-1] if _RECEIVED else None
+
+
+def exit_on_termination_signals() -> None:
+    """SIGTERM and SIGHUP raise ``SystemExit(128 + signal)`` in the main thread, so that
+    ``atexit`` handlers (``ray.shutdown``) run. Called after ``ray.init``: Ray's core worker
+    installs a C++ failure-signal handler over the Python one ``ray.init`` set for SIGTERM, and
+    an embedded driver then aborts on SIGTERM (exit -6, no shutdown); installing ours again puts
+    Python's handler back. A handler someone else installed is kept."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        current = signal.getsignal(sig)
+        if current in (signal.SIG_DFL, _exit) or getattr(current, "__module__", "").startswith("ray."):
+            signal.signal(sig, _exit)

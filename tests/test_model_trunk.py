@@ -151,6 +151,34 @@ def test_preprocess_formats():
         model.preprocess(batch)
 
 
+def test_frame_resize_official_is_plain_bicubic_and_paper_is_pil_like():
+    """A 4x4 step image (columns 0, 0, 255, 255) shrunk to 2x2. Plain bicubic (the official
+    tensor Resize of torchvision 0.14: antialias False for tensors, clamp only for uint8) samples
+    at x = 2i + 0.5 with the a = -0.75 kernel, weights (-0.09375, 0.59375, 0.59375, -0.09375)
+    over neighbours clamped at the border: out = (0.5*0 + 0.59375*0 - 0.09375*1,
+    -0.09375*0 + 0.59375*1 + 0.5*1) = (-0.09375, 1.09375), the overshoot kept. Antialiased: PIL's
+    bicubic resize of the same uint8 image to within one grey level."""
+    import numpy as np
+    from PIL import Image
+
+    from avmoe.models.preprocess import AVPreprocessor
+    from avmoe.tasks import get_task, list_tasks
+
+    row = torch.tensor([0, 0, 255, 255], dtype=torch.uint8)
+    img = row.view(1, 4, 1).expand(4, 4, 3).contiguous()  # (H, W, 3)
+    frames = img.view(1, 1, 4, 4, 3)
+    grey = dict(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), segment_samples=4)
+    plain = AVPreprocessor(2, antialias=False, **grey).frames(frames, 1, 1)[0, 0]
+    torch.testing.assert_close(plain, torch.tensor([[-0.09375, 1.09375]] * 2), rtol=0, atol=1e-6)
+    aa = AVPreprocessor(2, antialias=True, **grey).frames(frames, 1, 1)[0, 0]
+    pil = np.asarray(Image.fromarray(img.numpy()).resize((2, 2), Image.BICUBIC))[..., 0] / 255.0
+    torch.testing.assert_close(aa, torch.tensor(pil, dtype=torch.float32), rtol=0, atol=1 / 255)
+    assert float(aa.min()) >= 0 and float(aa.max()) <= 1
+    for name in list_tasks():  # the official presets resize like the official code
+        assert get_task(name).config(preset="official").visual.antialias is False, name
+    assert get_task("ave").config(preset="paper").visual.antialias is True
+
+
 def test_grad_checkpointing_matches():
     t, cfg, model = _model("ave", use_bn=False)
     open_gates_(model, 0.5)

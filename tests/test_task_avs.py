@@ -62,6 +62,46 @@ def test_avm_kl_by_hand():
     assert float(avm_kl(logits, [v_map], [a])) == pytest.approx(expected, rel=1e-5)
 
 
+def official_avm(pred_masks, a_fea_list, v_map_list):
+    """AVSBench's ``A_MaskedV_SimmLoss`` with the MS3 script's flags (avg pooling, kl_flag, no
+    norm_fea, no threshold), transcribed from yingchengy/AVMOE AVS/avs_scripts/avs_ms3/loss.py:
+    the logits are pooled to the map size and *then* passed through the sigmoid."""
+    total = 0
+    for a_fea, v_map in zip(a_fea_list, v_map_list):
+        a_fea = a_fea.view(-1, a_fea.shape[-1])
+        down = torch.sigmoid(torch.nn.AdaptiveAvgPool2d(v_map.shape[-2:])(pred_masks))
+        masked_v_fea = torch.mul(v_map, down).mean(-1).mean(-1)
+        total = total + F.kl_div(masked_v_fea.softmax(dim=-1).log(), a_fea.softmax(dim=-1), reduction="sum")
+    return total / len(v_map_list)
+
+
+def test_avm_kl_pools_logits_then_sigmoid_as_the_official_loss():
+    # by hand: logits (0, 2; -2, 4) pooled to 1x1 -> sigma(1) = 0.731059 (official order);
+    # the probabilities pooled -> (0.5 + 0.880797 + 0.119203 + 0.982014) / 4 = 0.620503
+    logits = torch.tensor([[0.0, 2.0], [-2.0, 4.0]]).view(1, 1, 2, 2)
+    v_map = torch.tensor([1.0, 3.0]).view(1, 2, 1, 1)
+    a = torch.tensor([[0.0, 0.0]])
+    p_a = torch.tensor([0.5, 0.5])
+    for mask, m in (("pool_sigmoid", 0.7310585786), ("sigmoid_pool", 0.6205034)):
+        p_v = torch.softmax(m * torch.tensor([1.0, 3.0]), 0)
+        expected = float((p_a * (p_a.log() - p_v.log())).sum())
+        assert float(avm_kl(logits, [v_map], [a], mask)) == pytest.approx(expected, rel=1e-6), mask
+    assert get_task("avs-ms3").config(preset="paper").avm_mask == "pool_sigmoid"
+    # random maps at 4 scales: value and gradient equal the transcribed official loss
+    g = torch.Generator().manual_seed(0)
+    lg = (3 * torch.randn(2, 3, 16, 16, generator=g, dtype=torch.float64)).requires_grad_(True)
+    v_maps = [torch.rand(6, 4, s, s, generator=g, dtype=torch.float64) * 4 for s in (8, 4, 2, 1)]
+    a_feats = [torch.randn(6, 4, generator=g, dtype=torch.float64) for _ in range(4)]
+    ours = avm_kl(lg, v_maps, a_feats)
+    (g_ours,) = torch.autograd.grad(ours, lg)
+    ref = official_avm(lg.flatten(0, 1).unsqueeze(1), a_feats, v_maps)
+    (g_ref,) = torch.autograd.grad(ref, lg)
+    assert float(ours.detach()) == pytest.approx(float(ref.detach()), rel=1e-12)
+    torch.testing.assert_close(g_ours, g_ref, rtol=1e-10, atol=1e-14)
+    (g_other,) = torch.autograd.grad(avm_kl(lg, v_maps, a_feats, "sigmoid_pool"), lg)
+    assert not torch.allclose(g_other, g_ref, rtol=1e-3)
+
+
 def test_metric_accumulates_in_test_batches():
     from avmoe.metrics import avs_fscore, avs_miou
 

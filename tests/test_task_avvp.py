@@ -85,8 +85,10 @@ def test_metric_accumulator_uses_official_binarisation():
 
 
 def test_overfits_a_fixed_batch():
-    # the class-token CE starts at a saddle (zero tokens, 0.02-std classifier), hence the higher lr
-    losses = overfit_losses("avvp", steps=30, lr=5e-2)
+    # the class-token CE starts at a saddle (zero tokens, 0.02-std classifier), hence the higher lr;
+    # the load balance as KL (0 when balanced): the official form's floor of E ln E per adapter
+    # (16 x 2 ln 2 here) is most of the tiny model's loss and no overfitting can remove it
+    losses = overfit_losses("avvp", steps=30, lr=5e-2, lb_form="kl")
     assert losses[-1] <= 0.5 * losses[0], losses
 
 

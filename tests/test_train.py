@@ -20,6 +20,7 @@ from train_fixtures import base_config, latest_checkpoint, shards  # noqa: E402
 
 from avmoe.tasks import get_task, list_tasks, task_variants  # noqa: E402
 from avmoe.train import Trainer  # noqa: E402
+from avmoe.train.evaluate import EvalResult  # noqa: E402
 from avmoe.train import checkpoint as ckpt_io  # noqa: E402
 from avmoe.train.ogm import OGMGE, adapter_params, coefficients  # noqa: E402
 
@@ -170,7 +171,8 @@ def test_resume_and_fault_recovery_match_an_uninterrupted_run(ave_data, tmp_path
       run name (Ray Train v2 resume: get_checkpoint() = the latest); in that second fit rank 1
       dies (os._exit) after step 3, with a checkpoint every 2 steps, so the worker group restarts
       from step 2 (FailureConfig(max_failures=1)) and completes.
-    Both end with bit-identical trainable weights (exact ingest resume + restored RNG)."""
+    Both end with bit-identical trainable weights (exact ingest resume + restored RNG) and equal
+    history rows (the checkpoints carry each rank's partial train-loss sums)."""
     from avmoe.train import fit, prepare
 
     storage = str(tmp_path)
@@ -199,3 +201,36 @@ def test_resume_and_fault_recovery_match_an_uninterrupted_run(ave_data, tmp_path
     for k in w_full:
         assert torch.equal(w[k], w_full[k]), k
     assert full["history"][-1]["val"] == resumed["history"][-1]["val"]
+    # train_loss (and its parts) of the resumed epoch cover the steps before each interruption too
+    assert resumed["history"] == full["history"]
+
+
+class Plateau(Trainer):
+    """Validation scores 0.5, 0.7, 0.7, 0.7, 0.7 whatever the weights: a plateau from epoch 1, as
+    a long run reaches one (the test split is evaluated for real)."""
+
+    SCORES = (0.5, 0.7, 0.7, 0.7, 0.7)
+
+    def validate(self, stream=None, drop=None):
+        if stream is not None:  # the test split
+            return super().validate(stream, drop)
+        return EvalResult({self.task.primary_metric: self.SCORES[self.state.epoch]}, [], 0)
+
+
+def test_a_validation_plateau_keeps_the_best_checkpoint_and_the_run_finishes(ave_data, tmp_path, ray_local):
+    """keep_checkpoints=2 on a plateau: Ray Train ranks equal scores by report order (the later
+    one higher) and deletes the rest, so the trainer's best must be the same checkpoint. Before,
+    the best was the first to reach 0.7 (epoch 1), Ray deleted it when epoch 3 reported (keeping
+    epochs 2 and 3, later 3 and 4), and the final test failed ("epoch-0002-step-0000002 is not
+    an avmoe checkpoint (no trainer.json)") until max_failures ran out: the run ended in an error."""
+    from avmoe.train import fit, prepare
+
+    cfg = base_config("ave", ave_data, str(tmp_path), "plateau", workers=1, epochs=5, batch_size=2,
+                      limit_train_batches=1, keep_checkpoints=2, max_failures=0)
+    r = fit(prepare(cfg), prepared=True, trainer_cls=Plateau)
+    assert [h["val"]["acc"] for h in r["history"]] == list(Plateau.SCORES)
+    assert r["best"]["epoch"] == 4 and r["best"]["checkpoint"] == "epoch-0005-step-0000005"
+    assert r["test_checkpoint"] == r["best"]["checkpoint"] and "test_fallback" not in r
+    assert set(r["test"]) == {"acc"}
+    kept = sorted(d for d in os.listdir(tmp_path / "plateau") if d.startswith("epoch-"))
+    assert kept == ["epoch-0004-step-0000004", "epoch-0005-step-0000005"]

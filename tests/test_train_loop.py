@@ -8,9 +8,12 @@ StepLR, checkpoint contents and an exact mid-epoch resume.
 from __future__ import annotations
 
 import json
+import math
 import os
+import shutil
 import sys
 
+import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -18,6 +21,8 @@ from model_fixtures import make_batch  # noqa: E402
 
 from avmoe.train import Trainer, TrainConfig, run_local  # noqa: E402
 from avmoe.train import checkpoint as ckpt_io  # noqa: E402
+from avmoe.train.evaluate import EvalResult  # noqa: E402
+from avmoe.train.trainer import NO_SCORE  # noqa: E402
 
 N_TRAIN, N_EVAL = 8, 4
 
@@ -109,3 +114,68 @@ def test_mid_epoch_resume_in_process_is_exact(tmp_path):
     b = ckpt_io.trainable_state(os.path.join(tmp_path, "part", "epoch-0002-step-0000004"))
     for k in a:
         assert torch.equal(a[k], b[k]), k
+    # the resumed epoch's train loss (and its parts) covers its steps before the stop too
+    assert part["history"] == full["history"]
+    carried = json.load(open(os.path.join(tmp_path, "part", "epoch-0001-step-0000003", "trainer.json")))
+    loss = carried["trainer"]["epoch_loss"]
+    assert loss["world_size"] == 1 and loss["per_rank"][0][1] == 2  # 2 micro-batches of epoch 1 so far
+    assert set(loss["parts"]) == set(full["history"][1]["train_parts"])
+
+
+@pytest.mark.parametrize("scores", [
+    [0.5, 0.7, 0.7, 0.7, 0.7],  # plateau
+    [0.3, float("nan"), 0.3, 0.9, 0.2, 0.9, 0.9, 0.1],
+    [float("nan"), float("nan")],
+])
+def test_the_best_is_the_checkpoint_ray_ranks_first(scores):
+    """The trainer's best and Ray Train's retention order agree, ties included: Ray's own
+    insertion (ray.train._internal.checkpoint_manager, what CheckpointConfig(num_to_keep,
+    checkpoint_score_attribute, "max") keeps the top of) puts the trainer's best at the top
+    after every epoch (mid-epoch checkpoints, scored NO_SCORE, interleaved)."""
+    from ray.train._internal.checkpoint_manager import _insert_into_sorted_list
+
+    class Result:  # what Ray orders: a reported result (its checkpoint, its score)
+        def __init__(self, name, score):
+            self.checkpoint, self.score = name, score
+
+    ranked, index, best, best_name = [], {}, None, None
+    for epoch, score in enumerate(scores):
+        for name, reported in ((f"mid{epoch}", NO_SCORE), (f"epoch{epoch}", NO_SCORE if math.isnan(score) else score)):
+            index[name] = len(index)
+            _insert_into_sorted_list(ranked, Result(name, reported), key=lambda r: (not math.isnan(r.score), r.score),
+                                     checkpoint_to_report_index=index)
+        if ckpt_io.is_new_best(score, best):
+            best, best_name = score, f"epoch{epoch}"
+        if best_name is not None:
+            assert ranked[-1].checkpoint == best_name, (epoch, [r.checkpoint for r in ranked])
+    if all(math.isnan(x) for x in scores):
+        assert best_name is None
+
+
+class ScriptedValidation(MemoryTrainer):
+    """Validation scores 0.7 then 0.5: the best is epoch 0, not the last checkpoint."""
+
+    def validate(self, stream=None, drop=None):
+        if stream is not None:
+            return super().validate(stream, drop)
+        return EvalResult({"acc": (0.7, 0.5)[self.state.epoch]}, [], 0)
+
+
+class LosesItsBest(ScriptedValidation):
+    def finish(self):
+        shutil.rmtree(os.path.join(self.session.root, self.state.best_checkpoint))  # storage lost it
+        super().finish()
+
+
+def test_a_finished_run_without_its_best_checkpoint_still_writes_its_results(tmp_path):
+    kept = run_local(config(tmp_path, "kept"), trainer_cls=ScriptedValidation)
+    assert kept["best"]["checkpoint"] == "epoch-0001-step-0000002" == kept["test_checkpoint"]
+    assert "test_fallback" not in kept
+    r = run_local(config(tmp_path, "lost"), trainer_cls=LosesItsBest)
+    assert r["best"]["checkpoint"] == "epoch-0001-step-0000002"
+    assert r["test_checkpoint"] == "epoch-0002-step-0000004" and set(r["test"]) == {"acc"}
+    assert "epoch-0001-step-0000002 could not be read" in r["test_fallback"]
+    assert "final weights (epoch-0002-step-0000004)" in r["test_fallback"]
+    from avmoe.train.cli import format_results
+
+    assert f"note: {r['test_fallback']}" in format_results(r)  # the job's printout says so too

@@ -22,12 +22,17 @@ Deviations from the released code (the spec's §8 choices are listed in ``avmoe/
 3. HTS-AT stays frozen in every task; the AVS-S4 script fine-tunes it through a name-filter bug.
 4. The HTS-AT mel filterbank is computed with torchaudio (Slaney, as librosa/torchlibrosa) and
    replaced by the checkpoint's ``melW`` when present; STFT via ``torch.stft``.
-5. Frames are resized with antialiased bicubic interpolation on the device (PIL-like; AVS:
-   plain bicubic, as its model does), then normalised.
+5. Frames of another size than the model's are resized on the device, then normalised: in the
+   "paper" / "tiny" presets of AVE, AVVP and AVQA with antialiased bicubic interpolation clamped
+   to [0, 1] (``visual.antialias=True``, close to PIL); in every "official" preset and in AVS
+   with plain bicubic interpolation, no antialiasing, no clamp, which is what the official
+   loaders (torchvision 0.14 tensor ``Resize``) and the AVS model compute.
 6. Missing modality: zeros after preparation (mean-grey normalised frame, silent waveform).
 7. Modules whose parameters never receive a gradient are not built: CMRAN decoders' unused
    self-attention, AVS TemporalAttention decoders, the first residual unit of AVS's coarsest
-   fusion block, PVT-v2 / VGGish / ``conv1..4``. (AVE head: 7.9 M here vs 8.4 M in the code.)
+   fusion block, PVT-v2 / VGGish / ``conv1..4``, the encoder / decoder layer templates the
+   CMRAN modules keep beside their deep copies. (AVE head: 7.88 M here, exactly the 7.88 M the
+   official head uses; the official code instantiates 12.09 M.)
 8. AVVP runs at any batch size (the code needs B = 1); AVQA negatives are the frames of
    another batch sample (``roll(1)``), not a random other video.
 9. AVS: BCE from logits; TPAVI computed as theta (phi^T g) (no THW x THW matrix); the AVM loss

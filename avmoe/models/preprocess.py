@@ -1,8 +1,13 @@
 """On-device input preparation, so CPU workers ship uint8 frames and int16 audio (AVBatch).
 
 Frames: (B, T, H, W, 3) uint8 (or float (B, T, 3, H, W) in [0, 1]) -> /255 -> bicubic resize
-to the model's image size (antialiased, then clamped to [0, 1] as a PIL resize of a uint8 image
-saturates; skipped when the size already matches) -> ImageNet mean/std -> (B*T, 3, S, S).
+to the model's image size, skipped when the size already matches -> ImageNet mean/std ->
+(B*T, 3, S, S). The resize (``visual.antialias``): antialiased and clamped to [0, 1] (close to
+PIL's bicubic resize of the uint8 image, which filters over the shrunk support and saturates), or
+plain bicubic interpolation (a = -0.75) with its overshoot kept, exactly what the official code
+does (torchvision 0.14 ``Resize`` on the float tensor from ``read_image() / 255``: antialias
+defaults to False for tensors there and only uint8 output is clamped; the AVS model's
+``F.interpolate``; resizing before or after the normalisation is the same linear map).
 
 Audio: (B, T*sps) int16 (/32768) or float -> (B*T, sps), one clip per segment.
 
@@ -62,8 +67,9 @@ class AVPreprocessor(nn.Module):
         if is_uint8:
             x = x / 255.0
         if tuple(x.shape[-2:]) != (s, s):
-            x = F.interpolate(x, size=(s, s), mode="bicubic", align_corners=False,
-                              antialias=self.antialias).clamp_(0, 1)
+            x = F.interpolate(x, size=(s, s), mode="bicubic", align_corners=False, antialias=self.antialias)
+            if self.antialias:
+                x = x.clamp_(0, 1)
         return (x - self.mean) / self.std
 
     def audio(self, x: torch.Tensor | None, b: int, t: int) -> torch.Tensor:

@@ -23,7 +23,8 @@ zero-output adapters the result is bit-identical to the frozen backbone (tested 
 ``torch.equal``). Adapters act per frame (the batch axis is B*T).
 
 Stage skipping: with ``num_skip = n > 1`` stage s is adapted iff (s + 1) % n != 0 (n = 2:
-stages 0 and 2, 8 paired blocks), with n = 1 all 12; ``adapted_stages`` overrides.
+stages 0 and 2, 8 paired blocks), with n = 1 all 12; ``adapted_stages`` overrides. AV-PEA
+adapts every stage (its paper's coverage) unless ``avpea_coverage="num_skip"``.
 
 Backbone mode (spec §8.8): both encoders are frozen (``requires_grad=False``) and kept in eval
 mode whatever ``model.train()`` says (no BN drift, no DropPath), unless
@@ -69,6 +70,8 @@ def adapted_stages(cfg: AdapterConfig, num_stages: int) -> tuple[int, ...]:
         return ()
     if cfg.adapted_stages is not None:
         return tuple(cfg.adapted_stages)
+    if cfg.kind == "avpea" and cfg.avpea_coverage == "all":
+        return tuple(range(num_stages))
     n = cfg.num_skip
     return tuple(s for s in range(num_stages) if n <= 1 or (s + 1) % n != 0)
 

@@ -63,7 +63,9 @@ class AVETask(Task):
         # released train.sh: 1 CMA + 1 UA, stages 0 and 2, K 32, r 8, G 2, BN, gated audio
         "base": {"adapter": dict(num_cma=1, num_ua=1, num_skip=2, num_tokens=32, reduction=8, groups=2,
                                  use_bn=True, audio_gate=True, ua_variant="v2")},
-        "official": {"adapter.ua_variant": "none", "backbone_train_mode": True, "audio.spec_augment": True},
+        # (frames: torchvision 0.14's tensor Resize, no antialiasing)
+        "official": {"adapter.ua_variant": "none", "backbone_train_mode": True, "audio.spec_augment": True,
+                     "visual.antialias": False},
         "tiny": {"visual": tiny_visual(), "audio": tiny_audio(), "temporal": tiny_temporal(),
                  "adapter": tiny_adapter(num_skip=2), "visual_dim": 32},
     }

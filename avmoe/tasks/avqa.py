@@ -70,7 +70,7 @@ class AVQATask(Task):
         "base": {"adapter": dict(num_cma=1, num_ua=2, num_skip=1, num_tokens=2, reduction=8, groups=4,
                                  use_bn=False, audio_gate=False, ua_variant="v2")},
         "official": {"adapter.ua_variant": "none", "backbone_train_mode": True, "audio.spec_augment": True,
-                     "audio.mixup": True},
+                     "audio.mixup": True, "visual.antialias": False},
         "tiny": {"visual": tiny_visual(), "audio": tiny_audio(),
                  "adapter": tiny_adapter(num_skip=1, num_tokens=2, groups=4), "vocab_size": 20, "num_answers": 6,
                  "max_question_len": 6, "match_hidden": (32, 16, 8)},

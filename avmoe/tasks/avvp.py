@@ -56,7 +56,7 @@ class AVVPTask(Task):
         "base": {"adapter": dict(num_cma=1, num_ua=1, num_skip=1, num_tokens=32, reduction=8, groups=2,
                                  use_bn=False, audio_gate=True, ua_variant="v2", lb_weight=1.0)},
         "official": {"adapter.ua_variant": "paramfree", "backbone_train_mode": True, "audio.spec_augment": True,
-                     "audio.mixup": True},
+                     "audio.mixup": True, "visual.antialias": False},
         "tiny": {"visual": tiny_visual(), "audio": tiny_audio(), "adapter": tiny_adapter(num_skip=1), "dim": 16,
                  "st_dim": 8, "depth_vis": 1, "depth_aud": 1, "depth_av": 1, "num_heads": 2},
     }

@@ -6,22 +6,36 @@
 * ``rank-R.json`` -- written by each rank: its ingest state (``ShardStream.state``) and its RNG
   states (torch, numpy, python), as JSON;
 * ``trainer.json`` -- rank 0: epoch, batches consumed in it, optimiser step, best-on-validation,
-  per-epoch history, and ``meta`` (ZeRO stage, world size, task, config) for ``--eval-only``
+  per-epoch history, every rank's partial train-loss sums of a mid-epoch checkpoint, and ``meta`` (ZeRO stage, world size, task, config) for ``--eval-only``
   (stage 0-2 checkpoints: only the weights, ``load_weights``, on any worker count).
 
 No pickle is trusted on load: DeepSpeed's files are read with ``torch.load(weights_only=True)``
 (``avmoe.train.engine.safe_load``); everything else is JSON.
+
+Retention and the best checkpoint follow one rule (``is_new_best``): Ray Train keeps the
+``keep_checkpoints`` highest ``select_score``s plus the latest checkpoint, ranking equal scores
+by report order, the later one higher (``ray.train._internal.checkpoint_manager.
+_insert_into_sorted_list``, Ray 2.60), so the trainer's best on a plateau is the latest of the
+equal scores too: the checkpoint Ray ranks first, never deleted while ``keep_checkpoints >= 1``.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Any
 
 import torch
 
 TAG = "state"
+
+
+def is_new_best(score: float, best: float | None) -> bool:
+    """Whether an epoch checkpoint scored ``score`` (validation, higher is better) replaces the
+    best so far: a higher score, or an equal one (reported later), as Ray Train ranks them.
+    NaN is never the best (Ray ranks it below every number)."""
+    return not math.isnan(score) and (best is None or score >= best)
 
 
 def save(engine, d: str, rank: int, *, trainer: dict[str, Any], rank_state: dict[str, Any],

@@ -221,6 +221,8 @@ def format_results(r: dict[str, Any], history: bool = True) -> str:
         else:
             lines.append(f"  {title}{note}:")
             lines.append(metric_table(m))
+        if key == "test" and r.get("test_fallback"):
+            lines.append(f"  note: {r['test_fallback']}")
     if r.get("stopped_at_max_steps"):
         lines.append("  stopped at max_steps: run again with the same --name to continue")
     if r.get("results_dir"):
@@ -277,6 +279,16 @@ def main(task_name: str, argv: list[str] | None = None) -> int:
     where = "GPU" if tcfg.scale.gpus_per_worker else "CPU"
     print(f"[{task_name}] run {name} on {tcfg.scale.workers} {where} workers, ZeRO {tcfg.deepspeed.zero_stage}; "
           f"to continue it: {resume_command(task_name, argv, name, tcfg.paths.storage)}", flush=True)
-    results = fit(tcfg, prepared=True, progress=True)
+    try:
+        results = fit(tcfg, prepared=True, progress=True)
+    except SystemExit:  # SIGTERM / SIGHUP (Ray's own shutdown then runs at exit)
+        from avmoe.ray_env import termination_signal
+
+        sig = termination_signal()
+        if sig is None:
+            raise
+        print(f"[{task_name}] stopped by signal {sig}; to resume from its latest checkpoint: "
+              f"{resume_command(task_name, argv, name, tcfg.paths.storage)}", file=sys.stderr)
+        return 128 + sig
     print(format_results(results, history=False) + f"; done in {time.perf_counter() - t0:.0f} s")
     return 0

@@ -8,9 +8,13 @@ with Adam that only changes epsilon's relative weight, spec §8.14).
 
 Per epoch: ``train_epoch`` (``train_step`` after ``train_step``), ``validate`` with the exact
 metric, ``save`` a checkpoint (named ``epoch-EEEE-step-SSSSSSS``) scored by that metric. Best =
-highest validation score (never the test split). ``finish``: restore the best checkpoint,
-evaluate the test split (and with ``eval_drop``, again with that modality absent), write
-results.json and the plots.
+highest validation score (never the test split), the latest of equal ones: Ray Train's own
+retention order (``checkpoint.is_new_best``), so Ray never deletes it; early stopping counts the
+epochs without a strictly higher score. ``finish``: restore the best checkpoint, evaluate the
+test split (and with ``eval_drop``, again with that modality absent), write results.json and
+the plots. A run whose training finished always ends with its results: should the best
+checkpoint be gone from storage, the final weights are tested and results.json says so
+(``test_fallback``).
 
 Everything task-specific comes from the task object (``avmoe.tasks``): model, loss, metric,
 OGM-GE scores, pictures. Test seams: ``make_stream`` (the data source of a split) and
@@ -61,6 +65,9 @@ class RunState:
     bad_epochs: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
     stopped_early: bool = False  # early stop on validation (epochs is re-read on resume)
+    # a mid-epoch checkpoint's partial train-loss sums, so that the resumed epoch reports the loss
+    # of all its steps: {"world_size": W, "parts": [names], "per_rank": [[sum, count, *parts], ...]}
+    epoch_loss: dict[str, Any] | None = None
 
 
 # --------------------------------------------------------------------------- helpers
@@ -322,7 +329,7 @@ class Trainer:
         else:
             it = self.train_stream.epoch(epoch, start_batch=st.batches_done)
         self.train_ingest_state = None
-        self._loss_sum, self._loss_n, self._parts_sum = 0.0, 0, {}
+        self._restore_epoch_loss()
         self._t_last = self._t_epoch = time.perf_counter()
         self.progress.emit("epoch_start", epoch=epoch, epochs=int(self.opt.epochs), steps=self.steps_per_epoch,
                            done=st.batches_done // self.grad_accum)
@@ -342,6 +349,37 @@ class Trainer:
             with contextlib.suppress(Exception):
                 it.close()
         return True
+
+    def _restore_epoch_loss(self) -> None:
+        """This rank's train-loss sums of the epoch so far: zero at an epoch's start, else those a
+        mid-epoch checkpoint carried (its own row on the same world size, bit for bit; on
+        another world size rank 0 takes the global sums, which is what ``end_epoch`` adds up)."""
+        self._loss_sum, self._loss_n, self._parts_sum = 0.0, 0, {}
+        carried, st = self.state.epoch_loss, self.state
+        st.epoch_loss = None
+        if not carried or not st.batches_done:
+            return
+        rows = carried["per_rank"]
+        if carried["world_size"] == self.world:
+            row = rows[self.rank]
+        elif self.rank == 0:
+            row = [sum(col) for col in zip(*rows)]
+        else:
+            return
+        self._loss_sum, self._loss_n = row[0], int(row[1])
+        self._parts_sum = dict(zip(carried["parts"], row[2:]))
+
+    def _epoch_loss_state(self) -> dict[str, Any] | None:
+        """Every rank's partial train-loss sums of the current epoch (collective), or None at an
+        epoch boundary."""
+        if not self.state.batches_done:
+            return None
+        mine = [self._loss_sum, float(self._loss_n), *self._parts_sum.values()]
+        flat = [0.0] * (self.world * len(mine))
+        flat[self.rank * len(mine):(self.rank + 1) * len(mine)] = mine
+        flat = _allreduce(flat, self.device)  # (adding zeros: every rank's row exactly)
+        rows = [flat[r * len(mine):(r + 1) * len(mine)] for r in range(self.world)]
+        return {"world_size": self.world, "parts": list(self._parts_sum), "per_rank": rows}
 
     def train_step(self, it) -> float:
         """``grad_accum`` micro-batches and one optimiser step; returns the last micro-batch's loss."""
@@ -406,13 +444,14 @@ class Trainer:
     def end_epoch(self) -> None:
         """Global train loss, validation, best-so-far, early stop, the epoch's checkpoint."""
         st, epoch, primary = self.state, self.state.epoch, self.task.primary_metric
-        n = max(1, self._loss_n)
-        tl = _allreduce([self._loss_sum / n] + [v / n for v in self._parts_sum.values()], self.device, "mean")
+        sums = _allreduce([float(self._loss_n), self._loss_sum, *self._parts_sum.values()], self.device)
+        tl = [v / max(1.0, sums[0]) for v in sums[1:]]  # means over every micro-batch of every rank
         val = self.validate()
         score = float(val.metrics.get(primary, float("nan")))
         self.metrics.set_validation(primary, score)
         self.metrics.set_router_usage(self.module.router_stats())
         improved = not math.isnan(score) and (st.best_score is None or score > st.best_score)
+        new_best = ckpt_io.is_new_best(score, st.best_score)  # ties: the later one, as Ray ranks them
         st.epoch += 1
         st.batches_done = 0
         row = {"epoch": epoch, "step": st.step, "train_loss": tl[0], "train_parts": dict(zip(self._parts_sum, tl[1:])),
@@ -422,23 +461,21 @@ class Trainer:
             row["ogm"] = dict(self.ogm.last)
         st.history.append(row)
         name = self.checkpoint_name()
-        if improved:
+        if new_best:
             st.best_score, st.best_checkpoint, st.best_epoch = score, name, epoch
-            st.bad_epochs = 0
-        else:
-            st.bad_epochs += 1
+        st.bad_epochs = 0 if improved else st.bad_epochs + 1
         early_stop = self.opt.early_stop
         st.stopped_early = bool(early_stop) and st.bad_epochs >= early_stop
         if self.rank == 0:
             log.info("epoch %d: train_loss %.4f val %s=%.4f%s", epoch, tl[0], primary, score,
-                     " (best)" if improved else "")
+                     " (best)" if new_best else "")
         if self.tracker is not None:
             self.tracker.scalars({"epoch/train_loss": tl[0], **{f"val/{k}": v for k, v in val.metrics.items()}},
                                  st.step)
             self.tracker.router(self.module.router_stats(), st.step)
             self.tracker.sync()
         self.progress.emit("epoch_end", epoch=epoch, epochs=int(self.opt.epochs), step=st.step, train_loss=tl[0],
-                           metric=primary, val=None if math.isnan(score) else score, best=improved,
+                           metric=primary, val=None if math.isnan(score) else score, best=new_best,
                            seconds=time.perf_counter() - self._t_epoch)
         self.save(name, score if not math.isnan(score) else NO_SCORE, {"train_loss": tl[0], f"val_{primary}": score})
 
@@ -450,6 +487,7 @@ class Trainer:
     def save(self, dir_name: str, score: float, extra_metrics: dict[str, Any]) -> None:
         t0 = time.perf_counter()
         st, tcfg = self.state, self.tcfg
+        st.epoch_loss = self._epoch_loss_state()
         with tempfile.TemporaryDirectory(prefix="avmoe-ckpt-") as d:
             ingest = self.train_stream.state(st.epoch, st.batches_done) if self.train_stream else None
             ckpt_io.save(self.engine, d, self.rank, trainer=st.__dict__,
@@ -481,14 +519,20 @@ class Trainer:
         }
         test_items = None
         if (tcfg.evaluation.test or self.eval_only) and not self.stopped_at_max_steps:
+            tested = self.eval_source or st.best_checkpoint or self.checkpoint_name()
             if not self.eval_only and st.best_checkpoint and st.best_checkpoint != self.checkpoint_name():
-                with self.session.open_checkpoint(st.best_checkpoint) as d:
-                    ckpt_io.load(self.engine, d, self.rank)
+                gone = self._load_best()
+                if gone:
+                    tested = self.checkpoint_name()
+                    results["test_fallback"] = (f"the best checkpoint {st.best_checkpoint} could not be read "
+                                                f"({gone}); the test split was evaluated with the final "
+                                                f"weights ({tested}) instead")
+                    log.warning("rank %d: %s", self.rank, results["test_fallback"])
             # (no finite validation score, best_checkpoint None: the last weights are tested)
             test_stream = self.make_stream(tcfg.paths.test_split, self.batch_size, False, False)
             test = self.validate(test_stream, keep_frames=6 if tcfg.evaluation.plots else 0)
             results["test"] = test.metrics
-            results["test_checkpoint"] = self.eval_source or st.best_checkpoint or self.checkpoint_name()
+            results["test_checkpoint"] = tested
             test_items = test.items
             drop = tcfg.evaluation.eval_drop
             if drop:
@@ -501,6 +545,21 @@ class Trainer:
             self._write_results(results, test_items)
         # the driver reads results.json from storage (Ray's Result carries the last *checkpoint's* metrics)
         self.session.report({"final": True, "test": results.get("test") if self.rank == 0 else None})
+
+    def _load_best(self) -> str | None:
+        """Restore the best checkpoint; returns why it cannot be read (then nothing is loaded), on
+        every rank alike (a rank that loads while another does not would hang in the collectives)."""
+        with contextlib.ExitStack() as stack:
+            problem = None
+            try:
+                d = stack.enter_context(self.session.open_checkpoint(self.state.best_checkpoint))
+                ckpt_io.read_meta(d)
+            except OSError as e:  # gone from storage (FileNotFoundError), unreadable
+                problem = str(e)
+            if _allreduce([1.0 if problem else 0.0], self.device, "max")[0]:
+                return problem or "unreadable on another rank"
+            ckpt_io.load(self.engine, d, self.rank)
+        return None
 
     def _write_results(self, results: dict[str, Any], items) -> str:
         from avmoe.plots import plot_run

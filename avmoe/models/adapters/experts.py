@@ -13,7 +13,11 @@
   ReLU (the code's UA has none; ``ua_relu=True`` adds it). Variants: "v2" (canonical: own
   latents, token compression of X), "none" (AVE/AVQA scripts), "paramfree" (AVVP: X + g S^T X
   with S = softmax(X X^T), O(N^2) memory), "v1" (AVS-S4: 4-head MHA with dropout 0.2 that
-  *replaces* X, no residual).
+  *replaces* X, no residual). The v1 attention axis (``mha_axis``): "tokens" attends over the
+  tokens of each frame (self-attention within a frame, the paper's reading); "frames" is what the
+  official code computes: its ``nn.MultiheadAttention`` has no ``batch_first``, so the (B*T, N, D)
+  input is read as (L=B*T, batch=N, D) and each token position attends across the B*T frames of
+  the micro-batch (across videos; the result depends on what else is in the batch).
 
 With a zero output gate every expert returns exactly 0 (finite x 0), which is what makes the
 adapted trunk equal to the frozen one at initialisation.
@@ -100,7 +104,9 @@ class UnimodalExpert(_GatedExpert):
         elif self.variant == "paramfree":
             self.gate_av = nn.Parameter(torch.zeros(1))
         elif self.variant == "v1":
-            self.mha = nn.MultiheadAttention(dim, cfg.mha_heads, dropout=cfg.mha_dropout, batch_first=True)
+            # one module either way (same parameters): only the axis it reads as the sequence differs
+            self.mha = nn.MultiheadAttention(dim, cfg.mha_heads, dropout=cfg.mha_dropout,
+                                             batch_first=cfg.mha_axis == "tokens")
         elif self.variant != "none":
             raise ValueError(f"unknown unimodal expert variant {self.variant!r}")
         self.bottleneck = Bottleneck(dim, cfg.reduction, cfg.groups, cfg.use_bn, relu=cfg.ua_relu)

@@ -1,7 +1,7 @@
 """The AVMoE adapter: bridge + router + dense mixture of CMA and UA experts (spec §2.2-§2.3).
 
 out = Σ_e w_e(X, Ŷ) · Expert_e(X, Ŷ) per frame, and the adapter's load-balancing term
-KL(U || mean_frames w). The trunk adds ``out`` to the self stream's residual.
+(``adapter.lb_form``: the official −Σ_e log mean_frames w_e by default, see ``load_balance_loss``). The trunk adds ``out`` to the self stream's residual.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ class MoEAdapter(nn.Module):
             + [UnimodalExpert(x.dim, cfg, gate) for _ in range(cfg.num_ua)]
         )
         self.router = Router(2 * x.dim, len(self.experts), cfg.router_hidden, cfg.router_noise)
-        self.lb_batchmean = cfg.lb_batchmean
+        self.lb_form = cfg.lb_form
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (N, T_x, D_x) self tokens, y (N, T_y, D_y) raw guide tokens -> residual, lb."""
@@ -36,4 +36,4 @@ class MoEAdapter(nn.Module):
         for e, expert in enumerate(self.experts):  # accumulate: no (E, N, T, D) stack in memory
             term = w[:, e, None, None] * expert(x, y_hat)
             out = term if out is None else out + term
-        return out, load_balance_loss(w, self.lb_batchmean)
+        return out, load_balance_loss(w, self.lb_form)

@@ -17,15 +17,32 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def load_balance_loss(probs: torch.Tensor, batchmean: bool = True) -> torch.Tensor:
-    """KL(U || p̄) = Σ_e (1/E)(log(1/E) - log p̄_e), p̄ = ``probs`` (N, E) averaged over N.
+LB_FORMS = ("official", "kl", "kl_over_e")
 
-    ``batchmean=True`` divides by E, as the official ``F.kl_div(p̄.log(), U, "batchmean")`` does
-    on a 1-D tensor (its "batch" dimension is the expert axis)."""
+
+def load_balance_loss(probs: torch.Tensor, form: str = "official") -> torch.Tensor:
+    """The load-balancing term of one router, p̄ = ``probs`` (N, E) averaged over the N frames.
+
+    * ``"official"``: −Σ_e log p̄_e, the value of the released code. Its router input keeps a
+      token axis (``mean(dim=1, keepdim=True)``), so its probabilities are (N, 1, E), p̄ is
+      (1, E), the "uniform" target ``1 / p̄.size(0)`` is 1.0 and ``reduction="batchmean"``
+      divides by 1: ``F.kl_div(p̄.log(), 1, "batchmean") = Σ_e (0 − log p̄_e)``
+      = E·(KL(U ‖ p̄) + log E); its gradient is E times that of ``"kl"``.
+    * ``"kl"``: KL(U ‖ p̄) = Σ_e (1/E)(log(1/E) − log p̄_e), the equation as written (0 when
+      balanced).
+    * ``"kl_over_e"``: KL(U ‖ p̄) / E, what ``batchmean`` would give on a 1-D (E,) tensor (our
+      former default, a misreading of the code: its gradient is 1/E² of the official one).
+    """
     p_mean = probs.mean(0)
     e = p_mean.numel()
+    if form == "official":
+        return -p_mean.log().sum()
     kl = ((math.log(1.0 / e) - p_mean.log()) / e).sum()
-    return kl / e if batchmean else kl
+    if form == "kl":
+        return kl
+    if form == "kl_over_e":
+        return kl / e
+    raise ValueError(f"load-balance form must be one of {', '.join(LB_FORMS)}; got {form!r}")
 
 
 class Router(nn.Module):

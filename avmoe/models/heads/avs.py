@@ -42,6 +42,9 @@ class AVSConfig(TaskConfig):
     temporal: TemporalConfig = field(default_factory=TemporalConfig)
     gamma: float = 0.05  # S4 0.05 (hard-coded), MS3 0.1
     avm_weight: float = 0.0  # MS3: 0.5
+    # AVM loss mask: the logits average-pooled to each map size, then the sigmoid (the official
+    # A_MaskedV_SimmLoss); "sigmoid_pool" pools the probabilities instead (our former order)
+    avm_mask: Literal["pool_sigmoid", "sigmoid_pool"] = "pool_sigmoid"
     eval_videos_per_batch: int | None = 4  # AVSBench test batch (metrics quirk)
 
     def check(self, prefix: str = "") -> None:
