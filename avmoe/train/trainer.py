@@ -479,10 +479,13 @@ class Trainer:
                            seconds=time.perf_counter() - self._t_epoch)
         self.save(name, score if not math.isnan(score) else NO_SCORE, {"train_loss": tl[0], f"val_{primary}": score})
 
-    def validate(self, stream=None, drop: str | None = None, keep_frames: int = 0) -> EvalResult:
+    def validate(self, stream=None, drop: str | None = None) -> EvalResult:
+        """The exact metric on ``stream`` (default: the validation split); on the test split the
+        first samples keep their frames for the task's pictures."""
+        keep = 6 if stream is not None and stream is not self.val_stream and self.tcfg.evaluation.plots else 0
         return evaluate(self.engine, self.task, self.cfg, stream or self.val_stream, device=self.device, drop=drop,
                         limit=self.tcfg.loop.limit_eval_batches, zero3=self.tcfg.deepspeed.zero_stage == 3,
-                        keep_frames=keep_frames)
+                        keep_frames=keep)
 
     def save(self, dir_name: str, score: float, extra_metrics: dict[str, Any]) -> None:
         t0 = time.perf_counter()
@@ -530,7 +533,7 @@ class Trainer:
                     log.warning("rank %d: %s", self.rank, results["test_fallback"])
             # (no finite validation score, best_checkpoint None: the last weights are tested)
             test_stream = self.make_stream(tcfg.paths.test_split, self.batch_size, False, False)
-            test = self.validate(test_stream, keep_frames=6 if tcfg.evaluation.plots else 0)
+            test = self.validate(test_stream)
             results["test"] = test.metrics
             results["test_checkpoint"] = tested
             test_items = test.items
