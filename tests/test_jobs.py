@@ -6,6 +6,7 @@ and a real ``ray start --head`` + ``ray job submit --working-dir`` run.
 from __future__ import annotations
 
 import json
+import re
 import os
 import runpy
 import shutil
@@ -179,8 +180,16 @@ def test_job_end_to_end(task, dataset, extra, tmp_path_factory, tmp_path, ray_lo
     assert len(r["history"]) == 1 and r["history"][0]["step"] >= 1
     assert primary in r["history"][0]["val"] and primary in r["test"]
     assert r["best"]["checkpoint"] == os.path.basename(latest_checkpoint(str(tmp_path / "e2e")))
-    test_lines = [ln for ln in out.splitlines() if ln.strip().startswith("test:")]
-    assert len(test_lines) == 1 and f" {primary} {r['test'][primary]:.4f}" in test_lines[0], out[-2000:]
+    # the test block: its heading ("test:" or "test (nan: ...):") then the metric rows, up to "results:"
+    lines = out.splitlines()
+    starts = [i for i, ln in enumerate(lines) if re.match(r"\s*test( \(nan:[^)]*\))?:", ln)]
+    assert len(starts) == 1, out[-2000:]
+    block = [lines[starts[0]].split(":", 1)[1] if "(nan" not in lines[starts[0]] else ""]
+    for ln in lines[starts[0] + 1:]:
+        if ln.strip().startswith("results:"):
+            break
+        block.append(ln)
+    assert re.search(rf"(^|\s){re.escape(primary)}\s+{r['test'][primary]:.4f}(,|\s|$)", "\n".join(block), re.M), out[-2000:]
     if task == "ave":  # the eval-only test reuses this run (its fixture trains one when absent)
         shutil.copytree(tmp_path, tmp_path_factory.getbasetemp() / "ave-e2e-run", dirs_exist_ok=True)
 
