@@ -17,6 +17,7 @@ import contextlib
 import io
 import logging
 import os
+import re
 import sys
 import warnings
 from typing import Iterator
@@ -37,7 +38,16 @@ QUIET_LEVELS = {
     "avmoe.train": logging.WARNING,  # the progress display says the same, once
     "avmoe.telemetry": logging.WARNING,
     "torch.utils.cpp_extension": logging.ERROR,  # "No CUDA runtime is found" on CPU workers
+    "matplotlib": logging.WARNING,  # "generated new fontManager" on a worker's first plot
 }
+
+# Lines Ray's processes write to their stderr (C++ core-worker logs, not Python logging) that the
+# driver would echo, and that say nothing about the job: Ray Train 2.60's own PreemptionWatcher
+# actor is created with restartable object-store arguments and its core worker logs an ERROR for it
+# on every run (ray-project/ray#53727).
+KNOWN_NOISE = (
+    re.compile(r"Actor with class name: 'PreemptionWatcher'.*max_restarts > 0"),
+)
 
 # environment of the job's processes while quiet: torch's C++ (c10d) warnings
 QUIET_ENV = {"TORCH_CPP_LOG_LEVEL": "ERROR"}
@@ -85,12 +95,36 @@ def quiet_process() -> None:
         from ray.util.debug import log_once
 
         log_once("ray_data_progress_manager_disabled")
+        _filter_worker_logs()
     for category in (DeprecationWarning, FutureWarning, PendingDeprecationWarning):
         warnings.filterwarnings("ignore", category=category)
     # noise of the stack that is not a problem of the job: torch's "Converting a tensor with
     # requires_grad", Ray Data's pandas reset_index, timm's registry overwrites
     warnings.filterwarnings("ignore", message=".*requires_grad=True to a scalar.*")
     warnings.filterwarnings("ignore", message=".*inplace keyword.*")
+
+
+def _drop_known_noise(data: dict) -> dict:
+    lines = [ln for ln in data.get("lines", []) if not any(p.search(ln) for p in KNOWN_NOISE)]
+    return dict(data, lines=lines)
+
+
+def _filter_worker_logs() -> None:
+    """Drop ``KNOWN_NOISE`` from the worker logs Ray echoes on the driver (its
+    ``print_worker_logs``: the one place every worker's streamed line passes)."""
+    import ray._private.worker as ray_worker
+
+    printer = ray_worker.print_worker_logs
+    if getattr(printer, "_avmoe_filtered", False):
+        return
+
+    def print_worker_logs(data, print_file, ignore_prefix=False):
+        data = _drop_known_noise(data)
+        if data["lines"]:
+            printer(data, print_file, ignore_prefix)
+
+    print_worker_logs._avmoe_filtered = True
+    ray_worker.print_worker_logs = print_worker_logs
 
 
 def setup_worker_process() -> None:

@@ -93,6 +93,32 @@ def test_results_table_names_absent_subtypes():
     assert "epoch   0  step      4" in cli.format_results(r)
 
 
+def test_driver_drops_known_ray_noise_and_keeps_the_rest(monkeypatch):
+    """The lines Ray echoes from its processes pass through the quiet console's filter: Ray
+    Train's PreemptionWatcher core-worker ERROR (printed on every run) goes, any other line -- a
+    worker's real error included -- stays."""
+    import ray._private.worker as ray_worker
+
+    from avmoe import console
+
+    monkeypatch.setattr(ray_worker, "print_worker_logs", ray_worker.print_worker_logs)
+    monkeypatch.delenv(console.VERBOSE_ENV, raising=False)
+    noise = ("[2026-12-01 21:10:06,763 E 11841 11904] core_worker.cc:2465: Actor with class name: "
+             "'PreemptionWatcher' and ID: '48af' has constructor arguments in the object store and "
+             "max_restarts > 0. If the arguments in the object store go out of scope ...")
+    real = "Traceback (most recent call last): ValueError: bad sample"
+    data = {"pid": 1234, "ip": "127.0.0.1", "localhost": "127.0.0.1", "lines": [noise, real], "is_err": True}
+    console.quiet_process()
+    out = io.StringIO()
+    ray_worker.print_worker_logs(data, out)
+    assert real in out.getvalue() and "PreemptionWatcher" not in out.getvalue()
+    out = io.StringIO()
+    ray_worker.print_worker_logs(dict(data, lines=[noise]), out)
+    assert out.getvalue() == ""  # a batch of noise only prints nothing (not an empty prefix line)
+    console.quiet_process()  # installed once, not wrapped again
+    assert getattr(ray_worker.print_worker_logs, "_avmoe_filtered", False)
+
+
 def test_progress_printer_draws_epochs():
     from avmoe.train.progress import Progress, ProgressPrinter
 

@@ -115,6 +115,19 @@ def config_from_args(task_name: str, argv: list[str] | None) -> tuple[TrainConfi
 def connect(tcfg: TrainConfig) -> None:
     """The cluster when there is one, else an embedded loopback-only Ray; the job's runtime_env
     (quiet worker processes) either way."""
+    import ray
+
+    from avmoe.console import quiet_process
+
+    if ray.is_initialized():
+        return
+    try:
+        _init_ray(tcfg)
+    finally:
+        quiet_process()  # again, Ray imported now: the filter of the worker logs it echoes here
+
+
+def _init_ray(tcfg: TrainConfig) -> None:
     import logging
 
     import ray
@@ -122,8 +135,6 @@ def connect(tcfg: TrainConfig) -> None:
     from avmoe.console import job_runtime_env, verbose
     from avmoe.ray_env import init_local_ray, on_cluster
 
-    if ray.is_initialized():
-        return
     quiet = {} if verbose() else {"logging_level": logging.WARNING}
     if on_cluster():
         runtime_env = job_runtime_env()
