@@ -1,4 +1,5 @@
-"""Evaluation metrics of AVE, AVVP (LLP), AVSBench (S4/MS3) and MUSIC-AVQA, quirks included.
+"""Evaluation metrics of AVE, AVVP (LLP), AVSBench (S4/MS3), MUSIC-AVQA and CMG's cross-modal
+protocols, quirks included.
 
 Each function reproduces the number printed by the benchmark's official evaluation code
 (../shared/spec/metrics.md), as a fraction in [0, 1] instead of x100. Inputs may be numpy
@@ -33,6 +34,9 @@ __all__ = [
     "avvp_binarize",
     "avvp_gt_matrix",
     "avvp_scores",
+    "cmg_ave_accuracy",
+    "cmg_avvp_scores",
+    "cmg_micro_scores",
 ]
 
 # Class order of the GT matrix rows (AVVP-ECCV20 main_avvp.py `eval`) and the MUSIC-AVQA
@@ -495,3 +499,95 @@ def avqa_accuracy(preds: Any, answers: Any, question_types: Any) -> dict[str, fl
             correct[key] += int(p == a)
             total[key] += 1
     return {k: correct[k] / total[k] if total[k] else math.nan for k in _AVQA_KEYS}
+
+
+# --------------------------------------------------------------------------- CMG (cross-modal generalisation)
+
+
+def _cmg_video_class(labels: np.ndarray) -> np.ndarray:
+    """(N, T, C+1) one-hot segment labels, background last -> (N,) the video's class: per
+    segment the argmax of the C event columns (a background segment, all zero there, gives 0),
+    then the largest over time (CMG ave.py; one event class per AVE video)."""
+    if labels.ndim != 3 or labels.shape[-1] < 2:
+        raise ValueError(f"labels must be (N, T, C+1) one-hot with background last, got {labels.shape}")
+    return labels[:, :, :-1].argmax(-1).max(-1)
+
+
+def cmg_ave_accuracy(scores: Any, labels: Any, batch_size: int | None = 80) -> float:
+    """CMG's AVE cross-modal accuracy (haihuangcode/CMG code/src/ave.py ``validate_epoch``):
+    video-level classification, ``scores`` (N, C) (argmax, first index on ties), ``labels``
+    (N, T, C+1) one-hot segment labels with background last; the video's class is
+    ``_cmg_video_class``. Per loader batch of ``batch_size`` videos (None: one batch) the
+    official loop computes ``acc_b = correct_b * (100 / B_b)`` in float64 and averages it with
+    weight ``10 * B_b``: the exact fraction of correct videos up to that rounding, reproduced
+    here. A fraction (the official log prints x100)."""
+    s, y = _to_numpy(scores), _to_numpy(labels)
+    if s.ndim != 2 or len(s) != len(y):
+        raise ValueError(f"scores must be (N, C) for the N={len(y)} videos of labels, got {s.shape}")
+    _check_positive("batch_size", batch_size)
+    correct = s.argmax(-1) == _cmg_video_class(y)
+    if correct.size == 0:
+        return math.nan
+    total, count = 0.0, 0
+    t = y.shape[1]
+    for sl in _batch_slices(len(correct), batch_size):
+        b = len(correct[sl])
+        acc_b = float(np.float64(correct[sl].sum()) * (100.0 / b))
+        total += acc_b * (b * t)
+        count += b * t
+    return total / count / 100.0
+
+
+def cmg_avvp_scores(probs: Any, labels: Any, batch_size: int | None = 80,
+                    threshold: float = 0.5) -> dict[str, float]:
+    """CMG's AVVP cross-modal scores (code/src/avvp.py ``compute_accuracy_supervised_sigmoid``
+    and ``validate_epoch``; also ave_avvp.py): ``probs`` (N, T, C) per-segment probabilities,
+    ``labels`` (N, T, C) binary, both with the background column included.
+
+    Per loader batch of ``batch_size`` videos (None: one batch): ``pred = probs > threshold``
+    (strict); P_b = TP / #predicted and R_b = TP / #positive over every (segment, class) cell of
+    the batch, in float32 as the code computes them; a batch with no positive prediction counts
+    P_b = R_b = 0 (and still counts). P and R are averaged over batches with weight
+    ``T * B_b``; F1 = 2PR / (P + R) from the averaged P and R (0 when both are 0, where the
+    code would divide by zero). The paper's AVVP "accuracy" is this precision."""
+    p, y = _to_numpy(probs), _to_numpy(labels)
+    if p.ndim != 3 or p.shape != y.shape:
+        raise ValueError(f"probs and labels must both be (N, T, C), got {p.shape} and {y.shape}")
+    y = _require_binary("labels", y).astype(np.float32)
+    _check_positive("batch_size", batch_size)
+    if len(p) == 0:
+        return {"precision": math.nan, "recall": math.nan, "f1": math.nan}
+    pred = (p > threshold).astype(np.float32)
+    sums = {"precision": 0.0, "recall": 0.0}
+    count = 0
+    for sl in _batch_slices(len(p), batch_size):
+        pb, yb = pred[sl], y[sl]
+        n_pred = np.float32(pb.sum(dtype=np.float32))
+        if n_pred == 0:
+            prec = rec = 0.0
+        else:
+            tp = np.float32((pb * yb).sum(dtype=np.float32))
+            prec = float(np.float32(tp / n_pred))
+            rec = float(np.float32(tp / np.float32(yb.sum(dtype=np.float32))))
+        w = len(pb) * p.shape[1]
+        sums["precision"] += prec * w
+        sums["recall"] += rec * w
+        count += w
+    prec, rec = sums["precision"] / count, sums["recall"] / count
+    f1 = 2.0 * prec * rec / (prec + rec) if prec + rec > 0 else 0.0
+    return {"precision": prec, "recall": rec, "f1": f1}
+
+
+def cmg_micro_scores(probs: Any, labels: Any, threshold: float = 0.5) -> dict[str, float]:
+    """The plain alternative to ``cmg_avvp_scores``: micro precision, recall and F1 over every
+    (video, segment, class) cell of the whole set at once (no per-batch averaging, no zero for a
+    batch without predictions), same cells (background included) and threshold."""
+    p, y = _to_numpy(probs), _to_numpy(labels)
+    if p.shape != y.shape:
+        raise ValueError(f"probs and labels must have one shape, got {p.shape} and {y.shape}")
+    y = _require_binary("labels", y).astype(np.int64)
+    pred = (p > threshold).astype(np.int64)
+    tp, n_pred, n_pos = int((pred * y).sum()), int(pred.sum()), int(y.sum())
+    prec = tp / n_pred if n_pred else 0.0
+    rec = tp / n_pos if n_pos else 0.0
+    return {"precision": prec, "recall": rec, "f1": 2 * prec * rec / (prec + rec) if prec + rec else 0.0}

@@ -243,6 +243,33 @@ def plot_masks(items, out: str, title: str, n: int = 4) -> str | None:
     return path
 
 
+def plot_code_usage(idx_audio: np.ndarray, idx_visual: np.ndarray, out: str, title: str) -> str:
+    """CMG's codebook usage on a split: per code, the share of audio and of visual seconds that
+    take it (codes sorted by total use), and per code the audio share of its uses: a unified code
+    is used by both modalities (near 0.5), a modality-private one sits at 0 or 1."""
+    plt = _plt()
+    size = int(max(idx_audio.max(initial=0), idx_visual.max(initial=0))) + 1
+    ca = np.bincount(idx_audio.reshape(-1), minlength=size).astype(float)
+    cv = np.bincount(idx_visual.reshape(-1), minlength=size).astype(float)
+    used = np.nonzero(ca + cv)[0]
+    order = used[np.argsort(-(ca + cv)[used], kind="stable")]
+    fig, ax = plt.subplots(1, 2, figsize=(11, 3.8), gridspec_kw={"width_ratios": [3, 2]})
+    x = np.arange(len(order))
+    ax[0].bar(x, ca[order] / max(ca.sum(), 1), width=0.9, color="C0", label="audio seconds")
+    ax[0].bar(x, cv[order] / max(cv.sum(), 1), width=0.9, bottom=ca[order] / max(ca.sum(), 1), color="C1",
+              label="visual seconds")
+    ax[0].set(title=f"{len(used)} codes used (of those seen), sorted by use", xlabel="code (rank by use)",
+              ylabel="share of the modality's seconds")
+    ax[0].set_xticks(x[:: max(1, len(x) // 12)], [str(c) for c in order[:: max(1, len(x) // 12)]], fontsize=7)
+    ax[0].legend(fontsize=8)
+    share = ca[order] / np.maximum(ca[order] + cv[order], 1)
+    ax[1].hist(share, bins=np.linspace(0, 1, 11), color="C2", weights=(ca + cv)[order] / max((ca + cv).sum(), 1))
+    ax[1].set(title="how shared are the codes?", xlabel="audio share of a code's uses (0 = visual only, "
+              "1 = audio only)", ylabel="share of all uses")
+    fig.suptitle(f"codebook usage · {title}", fontsize=10)
+    return _save(fig, out, "codebook_usage.png")
+
+
 def plot_run(results: dict[str, Any], items, task, out: str) -> list[str]:
     """Every picture of a finished run into ``out``: the curves, the router heat map and the
     task's pictures of its test predictions (titled with the run, the split and the epoch)."""

@@ -7,15 +7,17 @@ import pytest
 from avmoe.config import AdapterConfig, ConfigError, OptimConfig, apply_overrides
 from avmoe.models.heads.avs import AVSConfig
 from avmoe.tasks import PRESETS, TASKS, get_task, list_tasks, task_variants
+from data_pipeline.datasets import list_datasets
 
 
 def test_registry_and_presets():
     assert list_tasks() == TASKS.names() and len(list_tasks()) >= 4
     for name in task_variants():
         task = get_task(name)
-        assert task.full_name == name and task.dataset == name
+        assert task.full_name == name and task.dataset in list_datasets()
         for preset in PRESETS:
             cfg = task.config(preset=preset)
+            assert set(task.split_datasets(cfg).values()) <= set(list_datasets())
             assert cfg.task == task.name and cfg.preset == preset
             opt = task.training_defaults(preset)
             opt.validate()

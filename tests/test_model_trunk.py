@@ -105,7 +105,7 @@ def test_gradients_reach_only_trainable_parameters(task):
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(n.startswith(("trunk.adapters.", "head.")) for n in trainable)
     adapter_grads = [p.grad.abs().sum() for n, p in model.named_parameters() if n.startswith("trunk.adapters.")]
-    assert sum(float(g > 0) for g in adapter_grads) > 0.9 * len(adapter_grads)
+    assert sum(float(g > 0) for g in adapter_grads) > 0.9 * len(adapter_grads) or cfg.adapter.kind == "none"
 
 
 @pytest.mark.parametrize("task", TASK_NAMES)

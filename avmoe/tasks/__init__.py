@@ -10,7 +10,7 @@ import pkgutil
 from importlib.metadata import entry_points
 
 from avmoe.config import ConfigError
-from avmoe.tasks.base import PRESETS, TASKS, MetricAccumulator, Task, register_task
+from avmoe.tasks.base import PRESETS, TASKS, DemoRun, MetricAccumulator, Task, TaskAuxiliary, register_task
 
 
 def _discover() -> None:
@@ -49,5 +49,5 @@ def task_variants() -> list[str]:
 
 _discover()
 
-__all__ = ["PRESETS", "TASKS", "ConfigError", "MetricAccumulator", "Task", "get_task", "list_tasks",
+__all__ = ["PRESETS", "TASKS", "ConfigError", "DemoRun", "MetricAccumulator", "Task", "TaskAuxiliary", "get_task", "list_tasks",
            "register_task", "task_variants"]

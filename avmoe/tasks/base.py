@@ -17,7 +17,13 @@ asks the task object for
   ``metric_accumulator(cfg)``, ``primary_metric``;
 * **OGM-GE**: ``ogm_scores(model, out, batch)`` (the summed true-class probabilities of its
   uni-modal estimates), or ``supports_ogm = False``, checked before any Ray resource;
-* its **pictures**: ``plot_predictions(items, out_dir, title)`` (timelines, masks).
+* its **pictures**: ``plot_predictions(items, out_dir, title)`` (timelines, masks);
+* optionally: training state outside the optimiser (``auxiliary``: per-batch updates such as an
+  EMA codebook or a second optimiser, checkpointed with the run), driver-side completion of the
+  run config (``complete_config``: settings read from another run, split choices), data from two
+  datasets (``split_datasets``: training split from one, evaluation splits from another,
+  ``--eval-data``), its own command-line flags (``extra_flags``) and an embedded demo of several
+  runs (``demo_plan`` / ``demo_summary``).
 
 ::
 
@@ -41,6 +47,8 @@ import copy
 from typing import Any
 
 import torch
+
+from dataclasses import dataclass, field
 
 from avmoe.batch import AVBatch
 from avmoe.config import ConfigError, OptimConfig, TaskConfig, apply_overrides
@@ -81,6 +89,43 @@ class MetricAccumulator:
         raise NotImplementedError
 
 
+class TaskAuxiliary:
+    """Per-rank training state a task keeps outside the DeepSpeed engine and its optimiser
+    (``Task.auxiliary``), e.g. an EMA-updated codebook or a variational network with its own
+    optimiser. The trainer calls ``train_batch`` after the forward of every training
+    micro-batch (on every rank: it may run collectives), saves ``state_dict()`` into each
+    checkpoint (rank 0's copy: the state must be identical on every rank) and restores it with
+    ``load_state_dict`` on resume; ``gauges()`` are exported as ``avmoe_model_stat{stat=...}``."""
+
+    def train_batch(self, out: dict[str, Any], batch: AVBatch, loss: torch.Tensor,
+                    parts: dict[str, float]) -> tuple[torch.Tensor, dict[str, float]]:
+        return loss, parts
+
+    def state_dict(self) -> dict[str, Any]:
+        """Tensors and plain Python values only (it is read back with ``weights_only=True``)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    def gauges(self) -> dict[str, float]:
+        return {}
+
+
+@dataclass
+class DemoRun:
+    """One run of a task's embedded demo (``Task.demo_plan``): its label (the run is named
+    ``<name>-<label>``), variant, the synthetic dataset whose demo shards are ``--data`` (and
+    ``--eval-data``), and TrainConfig overrides; an override value ``"{run:LABEL}"`` becomes the
+    storage path of that earlier run of the plan."""
+
+    label: str
+    variant: str | None
+    dataset: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+    eval_dataset: str | None = None
+
+
 class Task:
     name: str = ""  # set by @register_task
     primary_metric: str = ""
@@ -90,6 +135,8 @@ class Task:
     head: Any = None  # the head class (``factory(cfg, trunk)``) or its ``HEADS`` name
     # the embedded demo's schedule (TrainConfig overrides on top of the tiny preset)
     demo_schedule: dict[str, Any] = {}
+    # the task's own command-line flags: flag -> (model config key, help text, is a local path)
+    extra_flags: dict[str, tuple[str, str, bool]] = {}
 
     def __init__(self, variant: str | None = None) -> None:
         if self.variants:
@@ -112,6 +159,28 @@ class Task:
     def dataset(self) -> str:
         """The ``data_pipeline`` dataset (``DATASETS`` name) this task trains on."""
         return self.full_name
+
+    def split_datasets(self, cfg: TaskConfig) -> dict[str, str]:
+        """The dataset of the training split (``"train"``, read from ``--data``) and of the
+        validation and test splits (``"eval"``, from ``--eval-data`` when given)."""
+        return {"train": self.dataset, "eval": self.dataset}
+
+    def complete_config(self, tcfg) -> None:
+        """Driver side, before validation: complete the ``TrainConfig`` in place (settings
+        read from another run's checkpoint, split choices); raise ``ConfigError``."""
+
+    def auxiliary(self, module: torch.nn.Module, cfg: TaskConfig, seed: int,
+                  device: torch.device) -> TaskAuxiliary | None:
+        """The task's training state outside the optimiser (``TaskAuxiliary``), or None."""
+        return None
+
+    def demo_plan(self) -> list[DemoRun]:
+        """The runs of the embedded demo (``python jobs/<task>.py`` with no ``--data``)."""
+        return [DemoRun(self.full_name, self.variant, self.dataset, dict(self.demo_schedule))]
+
+    def demo_summary(self, runs: list[tuple[DemoRun, dict[str, Any]]]) -> str | None:
+        """A table of a several-run demo's results (None: each run's own summary)."""
+        return None
 
     def model_keys(self, manifest: dict[str, Any]) -> dict[str, Any]:
         """Model config keys the shards decide (from a split's manifest). The segment count

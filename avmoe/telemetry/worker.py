@@ -86,6 +86,7 @@ METRICS: dict[str, tuple[str, str]] = {
     "avmoe_mfu_ratio": ("gauge", "model FLOPs utilisation, 0..1 (absent on CPU or unknown GPU)"),
     "avmoe_router_expert_weight": ("gauge", "mean routing weight per expert, labels `adapter`, `expert`, 0..1"),
     "avmoe_router_expert_top1_ratio": ("gauge", "fraction of router decisions whose argmax is this expert, 0..1"),
+    "avmoe_model_stat": ("gauge", "a task's own training statistic, label `stat` (CMG: codebook_perplexity_audio/_visual, codebook_live_codes, codebook_resets_total)"),
     "avmoe_checkpoint_save_duration_seconds": ("gauge", "wall time of the last checkpoint save, s"),
     "avmoe_checkpoint_save_seconds_total": ("counter", "cumulative checkpoint save time, s"),
     "avmoe_checkpoint_saves_total": ("counter", "checkpoints saved"),
@@ -195,6 +196,8 @@ class WorkerMetrics:
             extra: tuple[str, ...] = ()
             if name == "avmoe_validation_metric":
                 extra = ("metric",)
+            elif name == "avmoe_model_stat":
+                extra = ("stat",)
             elif name.startswith("avmoe_router_"):
                 extra = ("adapter", "expert")
             if kind == "counter":
@@ -353,6 +356,14 @@ class WorkerMetrics:
         self._g("avmoe_checkpoint_save_duration_seconds").set(s)
         self._g("avmoe_checkpoint_save_seconds_total").inc(max(s, 0.0))
         self._g("avmoe_checkpoint_saves_total").inc()
+
+    @_safe
+    def set_model_stats(self, stats: Mapping[str, Any]) -> None:
+        """The task's own statistics (``TaskAuxiliary.gauges()``), one series per ``stat``."""
+        for stat, value in stats.items():
+            v = _f(value)
+            if not math.isnan(v):
+                self._g("avmoe_model_stat", str(stat)).set(v)
 
     @_safe
     def set_router_usage(self, stats: Mapping[str, Mapping[str, Any]]) -> None:

@@ -1,8 +1,10 @@
 """Checkpoint contents (one Ray Train checkpoint = every rank's files merged in one directory):
 
 * ``ds/`` -- DeepSpeed ``save_checkpoint(tag="state", exclude_frozen_parameters=True)``: the
-  trainable parameters only (the frozen backbones are rebuilt from the preset / local weight
-  files), optimizer state (partitioned per rank under ZeRO >= 1), LR scheduler, step counters;
+  trainable parameters and the model's buffers (the frozen backbones are rebuilt from the preset
+  / local weight files), optimizer state (partitioned per rank under ZeRO >= 1), LR scheduler,
+  step counters, and as its client state the task's auxiliary training state
+  (``Task.auxiliary``: tensors and plain values, identical on every rank);
 * ``rank-R.json`` -- written by each rank: its ingest state (``ShardStream.state``) and its RNG
   states (torch, numpy, python), as JSON;
 * ``trainer.json`` -- rank 0: epoch, batches consumed in it, optimiser step, best-on-validation,
@@ -39,9 +41,9 @@ def is_new_best(score: float, best: float | None) -> bool:
 
 
 def save(engine, d: str, rank: int, *, trainer: dict[str, Any], rank_state: dict[str, Any],
-         meta: dict[str, Any]) -> None:
+         meta: dict[str, Any], client: dict[str, Any] | None = None) -> None:
     # collective: every rank writes its own shard of the DeepSpeed state
-    engine.save_checkpoint(os.path.join(d, "ds"), tag=TAG, client_state={},
+    engine.save_checkpoint(os.path.join(d, "ds"), tag=TAG, client_state=client or {},
                            exclude_frozen_parameters=True)
     with open(os.path.join(d, f"rank-{rank}.json"), "w") as f:
         json.dump(rank_state, f)
@@ -71,7 +73,7 @@ def load(engine, d: str, rank: int) -> dict[str, Any]:
         raise ValueError(f"checkpoint {d} was written with ZeRO stage {stage} on {saved_world} workers; "
                          f"this run has stage {engine.zero_optimization_stage()} on {world} workers "
                          f"(use the same --zero-stage and --workers)")
-    path, _ = engine.load_checkpoint(os.path.join(d, "ds"), tag=TAG, load_module_strict=False,
+    path, client = engine.load_checkpoint(os.path.join(d, "ds"), tag=TAG, load_module_strict=False,
                                      load_optimizer_states=True, load_lr_scheduler_states=True)
     if path is None:
         raise FileNotFoundError(f"no DeepSpeed state under {d}/ds")
@@ -80,7 +82,7 @@ def load(engine, d: str, rank: int) -> dict[str, Any]:
     if os.path.exists(rank_file):
         with open(rank_file) as f:
             rank_state = json.load(f)
-    return {"trainer": meta["trainer"], "meta": meta["meta"], "rank": rank_state}
+    return {"trainer": meta["trainer"], "meta": meta["meta"], "rank": rank_state, "client": client or {}}
 
 
 def load_weights(module: torch.nn.Module, d: str) -> dict[str, Any]:

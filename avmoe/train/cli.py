@@ -30,7 +30,7 @@ from avmoe.train.config import ConfigError, TrainConfig, describe_key, parse_ove
 
 # flag -> TrainConfig key (values are parsed by the field's type, so errors name the key)
 FLAGS = {
-    "--data": "data", "--storage": "storage", "--name": "name", "--preset": "preset",
+    "--data": "data", "--eval-data": "eval_data", "--storage": "storage", "--name": "name", "--preset": "preset",
     "--workers": "workers", "--gpus-per-worker": "gpus_per_worker", "--cpus-per-worker": "cpus_per_worker",
     "--zero-stage": "zero_stage", "--epochs": "epochs", "--batch-size": "batch_size",
     "--grad-accum": "grad_accum", "--lr": "lr", "--seed": "seed", "--max-steps": "max_steps",
@@ -40,7 +40,7 @@ FLAGS = {
     "--metrics-address": "metrics_address", "--metrics-port": "metrics_port",
     "--decode-resources": "decode_resources", "--tracking": "tracking",
 }
-LOCAL_PATH_KEYS = ("data", "storage", "eval_only")  # resolved on the driver (workers run elsewhere)
+LOCAL_PATH_KEYS = ("data", "eval_data", "storage", "eval_only")  # resolved on the driver (workers run elsewhere)
 
 
 def build_parser(task_name: str) -> argparse.ArgumentParser:
@@ -61,6 +61,14 @@ def build_parser(task_name: str) -> argparse.ArgumentParser:
     if task.variants:
         p.add_argument(f"--{task.variant_option}", dest="variant", choices=task.variants,
                        default=task.variants[0], help=f"task variant (default {task.variants[0]})")
+    model_defaults = task.config("tiny")
+    for flag, (key, text, _) in task.extra_flags.items():
+        from avmoe.config import describe, field_type, resolve_key
+
+        tp = field_type(model_defaults, resolve_key(model_defaults, key))
+        p.add_argument(flag, dest=f"model.{key}", default=None, metavar=key.upper(),
+                       help=f"{text}; {describe(tp).replace(' or none', '')}; default: "
+                            f"{getattr(model_defaults, key)!r} (= model.{key}=...)")
     p.add_argument("--no-test", action="store_true", help="skip the final test-split evaluation (default: test)")
     p.add_argument("--no-plots", action="store_true", help="write no PNGs (default: plots/ in the run directory)")
     p.add_argument("--verbose", action="store_true",
@@ -88,21 +96,12 @@ def _absolute(value: str) -> str:
 def config_from_args(task_name: str, argv: list[str] | None) -> tuple[TrainConfig, bool, argparse.Namespace]:
     """(config, demo, args) -- ``demo`` when the embedded demo supplies the data."""
     args = build_parser(task_name).parse_args(argv)
-    given = {k: v for k, v in vars(args).items() if k in FLAGS.values() and v is not None}
-    for key in LOCAL_PATH_KEYS:
-        if key in given:
-            given[key] = _absolute(given[key])
+    given = user_settings(task_name, args)
     cfg = TrainConfig.of(task=task_name, variant=getattr(args, "variant", None), storage=default_storage())
     demo = "data" not in given and "eval_only" not in given
     if demo:
         cfg.apply(cfg.get_task().demo_schedule)
     cfg.apply(given)
-    overrides = parse_overrides(args.overrides)
-    for key in overrides:  # local weight files of the model config too (model.visual.weights=...)
-        if key in LOCAL_PATH_KEYS or (key.startswith("model.") and key.endswith(".weights")
-                                      and overrides[key].lower() not in ("", "none", "null")):
-            overrides[key] = _absolute(overrides[key])
-    cfg.apply(overrides)
     if args.no_test:
         cfg.evaluation.test = False
     if args.no_plots:
@@ -110,6 +109,23 @@ def config_from_args(task_name: str, argv: list[str] | None) -> tuple[TrainConfi
     if demo:
         cfg.paths.data = "<demo>"  # filled in after the checks that need no data
     return cfg, demo, args
+
+
+def user_settings(task_name: str, args: argparse.Namespace) -> dict[str, Any]:
+    """The flags and ``key=value`` overrides the user gave, as TrainConfig override keys (local
+    paths made absolute: the workers run elsewhere)."""
+    from avmoe.tasks import get_task
+
+    task = get_task(task_name)
+    path_keys = {f"model.{key}" for key, _, is_path in task.extra_flags.values() if is_path}
+    given = {k: v for k, v in vars(args).items()
+             if (k in FLAGS.values() or k.startswith("model.")) and v is not None}
+    given.update(parse_overrides(args.overrides))
+    for key, value in given.items():  # local weight files of the model config too (model.visual.weights=...)
+        if key in LOCAL_PATH_KEYS or key in path_keys or (key.startswith("model.") and key.endswith(".weights")):
+            if str(value).lower() not in ("", "none", "null"):
+                given[key] = _absolute(value)
+    return given
 
 
 def connect(tcfg: TrainConfig) -> None:
@@ -269,6 +285,8 @@ def main(task_name: str, argv: list[str] | None = None) -> int:
             d["optim"] = tcfg.resolved_optim().to_dict()  # the values the run will use
             print(json.dumps(d, indent=1))
             return 0
+        if demo and len(tcfg.get_task().demo_plan()) > 1:
+            return run_demo_plan(task_name, argv, args, tcfg, t0)
         connect(tcfg)
         check_cluster(tcfg)
         if on_cluster():  # now that the cluster's size is known; before fit() takes anything
@@ -302,4 +320,57 @@ def main(task_name: str, argv: list[str] | None = None) -> int:
               f"{resume_command(task_name, argv, name, tcfg.paths.storage)}", file=sys.stderr)
         return 128 + sig
     print(format_results(results, history=False) + f"; done in {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+def run_demo_plan(task_name: str, argv: list[str], args: argparse.Namespace, base: TrainConfig, t0: float) -> int:
+    """A task's embedded demo of several runs (``Task.demo_plan``): each run on its synthetic
+    shards, in order, named ``<name>-<label>``; then the task's summary table. The user's flags
+    apply to every run; running the same command with the run's ``--name`` again continues it."""
+    from avmoe.ray_env import on_cluster
+    from avmoe.train.driver import fit, prepare
+    from avmoe.train.resources import check_resources
+    from data_pipeline.demo import prepare_demo_shards
+
+    task = base.get_task()
+    plan = task.demo_plan()
+    given = user_settings(task_name, args)
+    name = base.paths.name or f"{task_name}-demo-{time.strftime('%Y%m%d-%H%M%S')}"
+    done: list = []
+    run_dirs: dict[str, str] = {}
+    try:
+        connect(base)
+        check_cluster(base)
+        if on_cluster():
+            check_resources(base)
+        fit_demo_to_cluster(base)
+        root = demo_data_root(base)
+        print(f"[{task_name}] no --data: the embedded demo, {len(plan)} runs on synthetic data, tiny preset "
+              f"({', '.join(r.label for r in plan)}); to continue it: "
+              f"{resume_command(task_name, argv, name, base.paths.storage)}", flush=True)
+        for run in plan:
+            cfg = TrainConfig.of(task=task_name, variant=run.variant, storage=base.paths.storage)
+            overrides = {k: (run_dirs[v[5:-1]] if isinstance(v, str) and v.startswith("{run:") else v)
+                         for k, v in run.overrides.items()}
+            cfg.apply(overrides).apply(given)
+            cfg.scale, cfg.ingest = base.scale, base.ingest  # (as fitted to this cluster)
+            cfg.evaluation.test, cfg.evaluation.plots = base.evaluation.test, base.evaluation.plots
+            cfg.paths.data = prepare_demo_shards(run.dataset, root=root, log=lambda *_: None)
+            if run.eval_dataset:
+                cfg.paths.eval_data = prepare_demo_shards(run.eval_dataset, root=root, log=lambda *_: None)
+            cfg.paths.name = f"{name}-{run.label}"
+            cfg = prepare(cfg)
+            print(f"[{task_name}] {run.label}: run {cfg.paths.name} on synthetic {run.dataset} shards"
+                  + (f" (evaluated on {run.eval_dataset})" if run.eval_dataset else ""), flush=True)
+            results = fit(cfg, prepared=True, progress=True)
+            print(format_results(results, history=False), flush=True)
+            done.append((run, results))
+            run_dirs[run.label] = results["results_dir"]
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    summary = task.demo_summary(done)
+    if summary:
+        print(summary)
+    print(f"[{task_name}] demo done in {time.perf_counter() - t0:.0f} s")
     return 0

@@ -32,11 +32,18 @@ from avmoe.config import Config, ConfigError, OptimConfig, apply_overrides
 @dataclass
 class PathsConfig(Config):
     data: str | None = None  # shard URL (local path, file://, s3://...) holding {split}.manifest.json
+    # shard URL of the validation and test splits when they come from another dataset than the
+    # training split (a task's split_datasets, e.g. CMG's AVE -> AVVP); None = data
+    eval_data: str | None = None
     storage: str = "runs"  # checkpoints + results: local path or s3://...
     name: str | None = None  # run name; re-running with the same name resumes from its latest checkpoint
     train_split: str = "train"
     val_split: str = "val"  # model selection (best checkpoint) is always on this split
     test_split: str = "test"
+
+    def url(self, split: str) -> str | None:
+        """The shard URL a split is read from."""
+        return self.data if split == self.train_split or not self.eval_data else self.eval_data
 
 
 @dataclass

@@ -73,6 +73,10 @@ def _eval_only_config(tcfg: TrainConfig) -> TrainConfig:
     return tcfg
 
 
+def _local_or_url(path: str) -> str:
+    return path if "://" in path else os.path.abspath(os.path.expanduser(path))
+
+
 def _check_one_global_batch(tcfg: TrainConfig, manifest: dict[str, Any]) -> None:
     """Every training step takes one batch per worker (drop_last): a split smaller than that
     would train on nothing."""
@@ -81,7 +85,7 @@ def _check_one_global_batch(tcfg: TrainConfig, manifest: dict[str, Any]) -> None
     if n < batch * workers:
         raise ConfigError(f"batch_size: {batch} per worker x {workers} workers = {batch * workers} "
                           f"samples per step, but the {tcfg.paths.train_split} split at "
-                          f"{tcfg.paths.data} has {n}; lower --batch-size or --workers")
+                          f"{tcfg.paths.url(tcfg.paths.train_split)} has {n}; lower --batch-size or --workers")
 
 
 def prepare(tcfg: TrainConfig) -> TrainConfig:
@@ -89,16 +93,24 @@ def prepare(tcfg: TrainConfig) -> TrainConfig:
     tcfg = TrainConfig.from_dict(tcfg.to_dict())  # a private copy
     if tcfg.evaluation.eval_only:
         tcfg = _eval_only_config(tcfg)
+    tcfg.get_task().complete_config(tcfg)  # (e.g. settings read from another run)
     tcfg.validate()
     task = tcfg.get_task()
     p = tcfg.paths
+    for key in ("data", "eval_data"):
+        if getattr(p, key):
+            setattr(p, key, _local_or_url(getattr(p, key)))
     splits = [p.test_split] if tcfg.evaluation.eval_only else [p.train_split, p.val_split] + (
         [p.test_split] if tcfg.evaluation.test else [])
-    manifests = {s: _load_manifest(p.data, s) for s in splits}
+    manifests = {s: _load_manifest(p.url(s), s) for s in splits}
+    wanted = task.split_datasets(tcfg.task_config())
     for split, m in manifests.items():
-        if m["dataset"] != task.dataset:
-            raise ConfigError(f"data: the {split} shards at {p.data} are {m['dataset']!r} data "
-                              f"(manifest 'dataset'); this job trains {task.dataset!r}")
+        role = "train" if split == p.train_split and not tcfg.evaluation.eval_only else "eval"
+        if m["dataset"] != wanted[role]:
+            key = "data" if p.url(split) == p.data else "eval_data"
+            raise ConfigError(f"{key}: the {split} shards at {p.url(split)} are {m['dataset']!r} data "
+                              f"(manifest 'dataset'); this job {'trains on' if role == 'train' else 'evaluates on'} "
+                              f"{wanted[role]!r}")
     if not tcfg.evaluation.eval_only:
         _check_one_global_batch(tcfg, manifests[p.train_split])
     from avmoe.train.resources import check_resources
@@ -134,10 +146,11 @@ def worker_env(tcfg: TrainConfig) -> dict[str, str]:
         env.update(QUIET_ENV)
     if not tcfg.scale.gpus_per_worker:
         env["DS_ACCELERATOR"] = "cpu"  # a CPU job on a GPU node must not pick CUDA
-    if tcfg.paths.data:
-        from data_pipeline.storage import worker_env as storage_env
+    from data_pipeline.storage import worker_env as storage_env
 
-        env.update((storage_env(tcfg.paths.data) or {}).get("env_vars", {}))
+    for url in (tcfg.paths.data, tcfg.paths.eval_data):
+        if url:
+            env.update((storage_env(url) or {}).get("env_vars", {}))
     return env
 
 
@@ -147,11 +160,13 @@ def _plugins(tcfg: TrainConfig) -> dict[str, Any]:
     from data_pipeline.datasets import get_dataset
 
     task = tcfg.get_task()
-    try:
-        dataset = get_dataset(task.dataset)
-    except KeyError:  # eval-only of a run whose dataset is not registered: the manifest says
-        dataset = None
-    return {"task": (tcfg.task, type(task)), "dataset": dataset}
+    datasets = []
+    for name in dict.fromkeys(task.split_datasets(tcfg.task_config()).values()):
+        try:
+            datasets.append(get_dataset(name))
+        except KeyError:  # eval-only of a run whose dataset is not registered: the manifest says
+            pass
+    return {"task": (tcfg.task, type(task)), "datasets": datasets}
 
 
 def storage_path(storage: str) -> str:

@@ -128,9 +128,9 @@ def _register_plugins(plugins: dict[str, Any]) -> None:
 
     if plugins.get("task") and plugins["task"][0] not in TASKS:
         register_task(plugins["task"][0])(plugins["task"][1])
-    ds = plugins.get("dataset")
-    if ds is not None and ds.name not in DATASETS:
-        DATASETS.add(ds.name, ds)
+    for ds in plugins.get("datasets") or []:
+        if ds.name not in DATASETS:
+            DATASETS.add(ds.name, ds)
 
 
 # --------------------------------------------------------------------------- the trainer
@@ -163,7 +163,7 @@ class Trainer:
         from data_pipeline.ingest import IngestConfig, ShardStream
 
         ing = self.tcfg.ingest
-        cfg = IngestConfig(url=self.tcfg.paths.data, split=split, batch_size=batch_size, seed=self.seed,
+        cfg = IngestConfig(url=self.tcfg.paths.url(split), split=split, batch_size=batch_size, seed=self.seed,
                            shuffle=shuffle, shuffle_buffer=ing.shuffle_buffer, read_concurrency=ing.read_concurrency,
                            prefetch_batches=ing.prefetch_batches, on_error=ing.on_error,
                            decode_resources=ing.resources(),
@@ -227,6 +227,9 @@ class Trainer:
         self.init_seconds = time.perf_counter() - t_init
         self.module = self.engine.module
 
+        # the task's training state outside the optimiser (identical on every rank)
+        self.aux = None if self.eval_only else self.task.auxiliary(self.module, self.cfg, self.seed, self.device)
+
         self.train_ingest_state = None
         self._restore()
 
@@ -285,6 +288,8 @@ class Trainer:
             else:
                 meta = ckpt_io.load(self.engine, ckdir, self.rank)
             self.state = RunState(**meta["trainer"])
+            if self.aux is not None and meta.get("client", {}).get("aux") is not None:
+                self.aux.load_state_dict(meta["client"]["aux"])
             self.train_ingest_state = meta["rank"].get("ingest")
             if not self.eval_only:
                 _set_rng_state(meta["rank"]["rng"])
@@ -393,6 +398,8 @@ class Trainer:
             samples += batch.batch_size
             out = self.engine(batch)
             loss, parts = self.task.loss(out, batch, self.cfg)
+            if self.aux is not None:
+                loss, parts = self.aux.train_batch(out, batch, loss, parts)
             if self.ogm is not None:
                 self.ogm.observe(out, batch)
             boundary = self.engine.is_gradient_accumulation_boundary()
@@ -421,13 +428,17 @@ class Trainer:
                                   lr=self.optimizer.param_groups[0]["lr"],
                                   grad_norm=float(gnorm) if gnorm is not None else None)
         self.metrics.set_skipped_total(self.train_stream.skipped_total)
+        gauges = self.aux.gauges() if self.aux is not None else {}
+        if gauges:
+            self.metrics.set_model_stats(gauges)
         rate, wait_ratio = samples * self.world / max(step_s, 1e-9), wait / max(step_s, 1e-9)
         self.progress.emit("step", steps=st.batches_done // self.grad_accum, loss=loss_value,
                            samples_per_s=rate, data_wait=wait_ratio)
         if self.tracker is not None:
             self.tracker.scalars({"train/loss": loss_value, "train/lr": self.optimizer.param_groups[0]["lr"],
                                   "train/grad_norm": gnorm, "train/samples_per_second": rate,
-                                  "train/data_wait_ratio": wait_ratio}, st.step)
+                                  "train/data_wait_ratio": wait_ratio,
+                                  **{f"model/{k}": v for k, v in gauges.items()}}, st.step)
         self.after_step()
         return loss_value
 
@@ -494,6 +505,7 @@ class Trainer:
         with tempfile.TemporaryDirectory(prefix="avmoe-ckpt-") as d:
             ingest = self.train_stream.state(st.epoch, st.batches_done) if self.train_stream else None
             ckpt_io.save(self.engine, d, self.rank, trainer=st.__dict__,
+                         client={"aux": self.aux.state_dict()} if self.aux is not None else None,
                          rank_state={"ingest": ingest, "rng": _rng_state()},
                          meta={"zero_stage": tcfg.deepspeed.zero_stage, "world_size": self.world,
                                "task": self.task.full_name, "run_name": self.run_name, "config": tcfg.to_dict()})
