@@ -258,14 +258,14 @@ def plot_code_usage(idx_audio: np.ndarray, idx_visual: np.ndarray, out: str, tit
     ax[0].bar(x, ca[order] / max(ca.sum(), 1), width=0.9, color="C0", label="audio seconds")
     ax[0].bar(x, cv[order] / max(cv.sum(), 1), width=0.9, bottom=ca[order] / max(ca.sum(), 1), color="C1",
               label="visual seconds")
-    ax[0].set(title=f"{len(used)} codes used (of those seen), sorted by use", xlabel="code (rank by use)",
+    ax[0].set(title=f"{len(used)} codes used on this split, sorted by use", xlabel="code index",
               ylabel="share of the modality's seconds")
     ax[0].set_xticks(x[:: max(1, len(x) // 12)], [str(c) for c in order[:: max(1, len(x) // 12)]], fontsize=7)
     ax[0].legend(fontsize=8)
     share = ca[order] / np.maximum(ca[order] + cv[order], 1)
     ax[1].hist(share, bins=np.linspace(0, 1, 11), color="C2", weights=(ca + cv)[order] / max((ca + cv).sum(), 1))
-    ax[1].set(title="how shared are the codes?", xlabel="audio share of a code's uses (0 = visual only, "
-              "1 = audio only)", ylabel="share of all uses")
+    ax[1].set(title="how shared are the codes?", xlabel="audio share of a code's uses\n(0 = visual only, 1 = audio only)",
+              ylabel="share of all uses")
     fig.suptitle(f"codebook usage · {title}", fontsize=10)
     return _save(fig, out, "codebook_usage.png")
 

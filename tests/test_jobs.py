@@ -85,8 +85,14 @@ def test_embedded_default_takes_the_tasks_demo_schedule(name):
     cfg, synthetic, _ = cli.config_from_args(name, [])
     assert synthetic
     opt = cfg.apply({"data": "x"}).resolved_optim()
+    from avmoe.config import resolve_key
+
     for key, value in get_task(name).demo_schedule.items():
-        assert getattr(opt, key) == value, key
+        path = resolve_key(cfg, key)  # an optimisation field (the task's default) or any other TrainConfig key
+        obj = opt if path[0] == "optim" else cfg
+        for p in path[1:-1] if path[0] == "optim" else path[:-1]:
+            obj = getattr(obj, p)
+        assert getattr(obj, path[-1]) == value, key
 
 
 def test_job_scripts_match_the_registry():

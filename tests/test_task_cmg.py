@@ -313,30 +313,46 @@ FAST = ["--workers", "1", "--cpus-per-worker", "0.5", "--epochs", "1", "--batch-
         "metrics_address=127.0.0.1", "metrics_port=0", "shuffle_buffer=16", "tracking=none"]
 
 
-def test_jobs_pretrain_then_each_downstream_protocol(tmp_path, tmp_path_factory, ray_local, monkeypatch, capsys):
-    """jobs/cmg.py pre-trains, then --stage downstream runs AVVP (trained on the LLP split with
-    segment labels) and AVE -> AVVP (--eval-data) from the pre-training run directory; a
-    downstream run without --pretrained, or on the wrong shards, is a config error."""
+def test_jobs_demo_then_each_downstream_protocol(tmp_path, tmp_path_factory, ray_local, monkeypatch, capsys):
+    """``jobs/cmg.py`` with no --data runs the task's several-run demo (here a 2-run plan:
+    pre-training, then AVE V->A from it via "{run:pretrain}") and prints its table; then
+    --stage downstream runs AVVP (trained on the LLP split with segment labels) and AVE -> AVVP
+    (--eval-data) from that pre-training run's directory; a downstream run without
+    --pretrained, or on the wrong shards, is a config error."""
+    from avmoe.tasks.base import DemoRun
+    from avmoe.tasks.cmg import CMGTask
     from avmoe.train.cli import main
 
-    pre, ave, avvp = (shards(tmp_path_factory, d, 8) for d in ("vggsound-avel", "ave", "avvp"))
+    fast = dict(epochs=1, batch_size=2, grad_accum=1)
+    monkeypatch.setattr(CMGTask, "demo_plan", lambda self: [
+        DemoRun("pretrain", "pretrain", "vggsound-avel", dict(fast), size=8),
+        DemoRun("ave-v2a", "downstream", "ave", {**fast, "model.protocol": "ave", "model.pretrained": "{run:pretrain}"},
+                size=8)])
+    monkeypatch.setenv("AVMOE_DEMO_DIR", str(tmp_path / "demo-data"))
     storage = str(tmp_path)
-    out = _run_job(["--data", pre, "--storage", storage, "--name", "pre"] + FAST, monkeypatch, capsys)
-    r = json.load(open(tmp_path / "pre" / "results.json"))
-    assert r["task"] == "cmg-pretrain" and "retrieval" in r["test"] and "retrieval" in out
-    assert os.path.exists(tmp_path / "pre" / "plots" / "codebook_usage.png")
+    out = _run_job(["--storage", storage, "--name", "demo"] + FAST[:4] + FAST[8:], monkeypatch, capsys)
+    assert "the embedded demo, 2 runs" in out and "CMG cross-modal generalisation" in out
+    row = next(ln for ln in out.splitlines() if ln.strip().startswith("ave "))
+    assert row.split()[1] == "accuracy"
+    pre = tmp_path / "demo-pretrain"
+    r = json.load(open(pre / "results.json"))
+    assert r["task"] == "cmg-pretrain" and "retrieval" in r["test"]
+    assert os.path.exists(pre / "plots" / "codebook_usage.png")
+    r = json.load(open(tmp_path / "demo-ave-v2a" / "results.json"))
+    assert r["model_config"]["pretrained"].startswith(str(pre / "epoch-"))
+    assert {"transfer", "labelled", "constant_guess"} <= set(r["test"])
 
+    ave, avvp = (shards(tmp_path_factory, d, 8) for d in ("ave", "avvp"))
     out = _run_job(["--stage", "downstream", "--protocol", "avvp", "--direction", "a2v", "--pretrained",
-                    str(tmp_path / "pre"), "--data", avvp, "--storage", storage, "--name", "down-avvp"] + FAST,
+                    str(pre), "--data", avvp, "--storage", storage, "--name", "down-avvp"] + FAST,
                    monkeypatch, capsys)
     r = json.load(open(tmp_path / "down-avvp" / "results.json"))
     assert r["config"]["paths"]["train_split"] == "val" and r["model_config"]["code_dim"] == 32
     assert {"transfer", "labelled", "transfer_precision", "transfer_f1", "transfer_micro_f1"} <= set(r["test"])
     assert r["test"]["transfer"] == r["test"]["transfer_precision"]
-    assert r["model_config"]["pretrained"].startswith(str(tmp_path / "pre" / "epoch-"))
 
     _run_job(["--stage", "downstream", "--protocol", "ave_avvp", "--direction", "v2a", "--pretrained",
-              str(tmp_path / "pre"), "--data", ave, "--eval-data", avvp, "--storage", storage, "--name", "down-x"]
+              str(pre), "--data", ave, "--eval-data", avvp, "--storage", storage, "--name", "down-x"]
              + FAST, monkeypatch, capsys)
     r = json.load(open(tmp_path / "down-x" / "results.json"))
     assert r["test"]["transfer"] == r["test"]["transfer_f1"]
@@ -344,9 +360,9 @@ def test_jobs_pretrain_then_each_downstream_protocol(tmp_path, tmp_path_factory,
 
     assert main("cmg", ["--stage", "downstream", "--data", ave, "--storage", storage]) == 2
     assert "pretrained" in capsys.readouterr().err
-    assert main("cmg", ["--stage", "downstream", "--protocol", "ave_avvp", "--pretrained", str(tmp_path / "pre"),
+    assert main("cmg", ["--stage", "downstream", "--protocol", "ave_avvp", "--pretrained", str(pre),
                         "--data", ave, "--storage", storage]) == 2
     assert "--eval-data" in capsys.readouterr().err
-    assert main("cmg", ["--stage", "downstream", "--protocol", "ave", "--pretrained", str(tmp_path / "pre"),
+    assert main("cmg", ["--stage", "downstream", "--protocol", "ave", "--pretrained", str(pre),
                         "--data", avvp, "--storage", storage]) == 2  # LLP shards for the AVE protocol
     assert "'avvp' data" in capsys.readouterr().err

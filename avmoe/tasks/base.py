@@ -116,14 +116,16 @@ class TaskAuxiliary:
 class DemoRun:
     """One run of a task's embedded demo (``Task.demo_plan``): its label (the run is named
     ``<name>-<label>``), variant, the synthetic dataset whose demo shards are ``--data`` (and
-    ``--eval-data``), and TrainConfig overrides; an override value ``"{run:LABEL}"`` becomes the
-    storage path of that earlier run of the plan."""
+    ``--eval-data``; ``size``: its training videos when not the dataset's ``demo_size``), and
+    TrainConfig overrides; an override value ``"{run:LABEL}"`` becomes the storage path of that
+    earlier run of the plan."""
 
     label: str
     variant: str | None
     dataset: str
     overrides: dict[str, Any] = field(default_factory=dict)
     eval_dataset: str | None = None
+    size: int | None = None
 
 
 class Task:

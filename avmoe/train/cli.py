@@ -355,9 +355,12 @@ def run_demo_plan(task_name: str, argv: list[str], args: argparse.Namespace, bas
             cfg.apply(overrides).apply(given)
             cfg.scale, cfg.ingest = base.scale, base.ingest  # (as fitted to this cluster)
             cfg.evaluation.test, cfg.evaluation.plots = base.evaluation.test, base.evaluation.plots
-            cfg.paths.data = prepare_demo_shards(run.dataset, root=root, log=lambda *_: None)
+            # a set of another size than the dataset's demo_size lives in its own directory
+            run_root = root if not run.size else f"{root.rstrip('/')}/n{run.size}"
+            cfg.paths.data = prepare_demo_shards(run.dataset, root=run_root, n=run.size, log=lambda *_: None)
             if run.eval_dataset:
-                cfg.paths.eval_data = prepare_demo_shards(run.eval_dataset, root=root, log=lambda *_: None)
+                cfg.paths.eval_data = prepare_demo_shards(run.eval_dataset, root=run_root, n=run.size,
+                                                          log=lambda *_: None)
             cfg.paths.name = f"{name}-{run.label}"
             cfg = prepare(cfg)
             print(f"[{task_name}] {run.label}: run {cfg.paths.name} on synthetic {run.dataset} shards"
