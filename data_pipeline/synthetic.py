@@ -156,6 +156,15 @@ def render_clip(rng, size: int, n_files: int, segments: int, visible,
     return frames
 
 
+def event_clip(rng, size: int, c: int, num_classes: int, on, segments: int, videos: bool):
+    """(frames, wave) of a clip whose one event, class ``c``, is seen and heard in the segments
+    where ``on(t)``: 12 frame files exercise the official frame sampling, a video gets 20 (2 fps)."""
+    frames = render_clip(rng, size, 20 if videos else 12, segments,
+                         lambda t: [(c, num_classes, None)] if on(t) else [], official_sampling=not videos)
+    wave = segment_audio(rng, segments, [[(c, num_classes)] if on(t) else [] for t in range(segments)])
+    return frames, wave
+
+
 def write_tsv(path: str, header: list[str], rows: list[list]) -> None:
     with open(path, "w", newline="") as f:
         w = csv.writer(f, delimiter="\t", lineterminator="\n")

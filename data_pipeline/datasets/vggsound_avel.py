@@ -28,7 +28,7 @@ from data_pipeline.datasets.base import (Dataset, RawSample, SplitListing, read_
 from data_pipeline.errors import LayoutError, SampleError
 from data_pipeline.sample import LabelError, label_field
 from data_pipeline.schema import sanitize_key
-from data_pipeline.synthetic import render_clip, save_clip, segment_audio, split_sizes, new_id
+from data_pipeline.synthetic import event_clip, save_clip, split_sizes, new_id
 
 SEGMENTS = 10
 HEADER = ["video_id", "label"]
@@ -117,12 +117,8 @@ class VGGSoundAVEL(Dataset):
                 vid = new_id(rng)
                 start = int(rng.integers(0, 4))
                 end = int(rng.integers(start + 5, 11))
-                on = lambda t: start <= t < end  # noqa: E731
-                n_files = 20 if videos else 12
-                frames = render_clip(rng, size, n_files, SEGMENTS,
-                                     lambda t: [(c, num_classes, None)] if on(t) else [],
-                                     official_sampling=not videos)
-                wave = segment_audio(rng, SEGMENTS, [[(c, num_classes)] if on(t) else [] for t in range(SEGMENTS)])
+                frames, wave = event_clip(rng, size, c, num_classes, lambda t: start <= t < end, SEGMENTS,
+                                          videos)
                 save_clip(frames, wave, videos, os.path.join(out, "videos", vid + ".mp4"),
                           os.path.join(out, "frames", vid), os.path.join(out, "wave", vid + ".npy"), 2)
                 lines.append(f"{vid},{SYNTH_CLASSES[c]}")
