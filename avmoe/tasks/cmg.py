@@ -286,37 +286,12 @@ class CMGAuxiliary(TaskAuxiliary):
 
 
 def _resolve_checkpoint(path: str) -> tuple[str, dict[str, Any]]:
-    """A run directory (its best checkpoint, else its latest) or a checkpoint directory ->
-    (checkpoint path, its trainer.json)."""
-    import json
-
-    from avmoe.train.checkpoint import read_meta
-    from data_pipeline import storage
+    from avmoe.train.checkpoint import resolve
 
     try:
-        return path, read_meta(path)
-    except FileNotFoundError:
-        pass
-    fs, base = storage.filesystem(path)
-    try:
-        results = json.loads(fs.cat_file(storage.join(base, "results.json")))
-    except (FileNotFoundError, json.JSONDecodeError):
-        results = {}
-    names = [results.get("test_checkpoint"), (results.get("best") or {}).get("checkpoint")]
-    try:
-        names += sorted((p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(base, detail=False)
-                         if p.rstrip("/").rsplit("/", 1)[-1].startswith("epoch-")), reverse=True)
-    except FileNotFoundError:
-        raise ConfigError(f"pretrained: {path} does not exist (expected a CMG pre-training run or "
-                          f"checkpoint directory)") from None
-    for name in filter(None, names):
-        ckpt = path.rstrip("/") + "/" + name
-        try:
-            return ckpt, read_meta(ckpt)
-        except FileNotFoundError:
-            continue
-    raise ConfigError(f"pretrained: {path} holds no checkpoint (no trainer.json in it or in an epoch-* "
-                      f"directory under it)")
+        return resolve(path)
+    except FileNotFoundError as e:
+        raise ConfigError(f"pretrained: {e} (expected a CMG pre-training run or checkpoint directory)") from None
 
 
 # model config keys a downstream run takes from its pre-training run (the trunk and the encoder)

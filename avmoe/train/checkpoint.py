@@ -63,6 +63,37 @@ def read_meta(d: str) -> dict[str, Any]:
         raise FileNotFoundError(f"{d} is not an avmoe checkpoint (no trainer.json)") from None
 
 
+def resolve(path: str) -> tuple[str, dict[str, Any]]:
+    """A run directory or a checkpoint directory (local path or any fsspec URL) -> (checkpoint
+    path, its trainer.json). A run resolves to the checkpoint its results were tested with (its
+    best on validation), else its best, else its latest checkpoint. FileNotFoundError names what
+    is missing."""
+    from data_pipeline import storage
+
+    try:
+        return path, read_meta(path)
+    except FileNotFoundError:
+        pass
+    fs, base = storage.filesystem(path)
+    try:
+        results = json.loads(fs.cat_file(storage.join(base, "results.json")))
+    except (FileNotFoundError, json.JSONDecodeError):
+        results = {}
+    names = [results.get("test_checkpoint"), (results.get("best") or {}).get("checkpoint")]
+    try:
+        entries = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(base, detail=False)]
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} does not exist") from None
+    names += sorted((e for e in entries if e.startswith("epoch-")), reverse=True)
+    for name in filter(None, names):
+        ckpt = path.rstrip("/") + "/" + name
+        try:
+            return ckpt, read_meta(ckpt)
+        except FileNotFoundError:
+            continue
+    raise FileNotFoundError(f"{path} holds no checkpoint (no trainer.json in it or in an epoch-* directory)")
+
+
 def load(engine, d: str, rank: int) -> dict[str, Any]:
     """Restore the engine from checkpoint directory ``d``; returns trainer + this rank's state."""
     meta = read_meta(d)
