@@ -270,6 +270,60 @@ def plot_code_usage(idx_audio: np.ndarray, idx_visual: np.ndarray, out: str, tit
     return _save(fig, out, "codebook_usage.png")
 
 
+def plot_clip_tracks(frames: np.ndarray, tracks: dict[str, list[list[tuple[str, float]]]], out: str, title: str,
+                     name: str = "prediction.png") -> str:
+    """One predicted clip: its frames on top, then per track (e.g. "event", or "audio" and
+    "visual") a row per second listing the predicted classes with their confidence, each class in
+    its own colour, background left blank."""
+    plt = _plt()
+    t = len(frames)
+    labels = sorted({lab for tr in tracks.values() for sec in tr for lab, _ in sec})
+    colour = {lab: plt.get_cmap("tab20")(i % 20) for i, lab in enumerate(labels)}
+    rows = {track: max(1, max(len(sec) for sec in secs)) for track, secs in tracks.items()}
+    heights = [max(0.9, 0.45 * r) for r in rows.values()]
+    fig, axes = plt.subplots(1 + len(tracks), 1, figsize=(max(8, 1.3 * t), 2.3 + sum(heights)),
+                             gridspec_kw={"height_ratios": [2.0] + heights})
+    axes[0].imshow(np.concatenate(list(frames), axis=1))
+    axes[0].set_xticks([(i + 0.5) * frames.shape[2] for i in range(t)], [f"{i} s" for i in range(t)], fontsize=7)
+    axes[0].set_yticks([])
+    from matplotlib.patches import Rectangle
+
+    for ax, (track, secs) in zip(axes[1:], tracks.items()):
+        n = rows[track]
+        for i, sec in enumerate(secs):
+            for j, (lab, conf) in enumerate(sec):
+                ax.add_patch(Rectangle((i, n - 1 - j), 1, 1, color=colour[lab], alpha=0.35 + 0.65 * float(conf)))
+                ax.text(i + 0.5, n - 0.5 - j, f"{lab[:16]} {conf:.2f}", ha="center", va="center", fontsize=6)
+        ax.set(xlim=(0, t), ylim=(0, n), yticks=[], xticks=range(t + 1))
+        ax.set_ylabel(track, rotation=0, ha="right", va="center", fontsize=8)
+        ax.tick_params(labelsize=7)
+    axes[-1].set_xlabel("second (cell: predicted class and confidence; blank: background)")
+    fig.suptitle(title, fontsize=10)
+    return _save(fig, out, name)
+
+
+def plot_clip_masks(frames: np.ndarray, masks: np.ndarray, out: str, title: str, name: str = "prediction.png") -> str:
+    """Predicted masks (T, M, M) probabilities over the clip's frames (T, H, W, 3): a strip."""
+    plt = _plt()
+    t = len(frames)
+    fig, axes = plt.subplots(1, t, figsize=(2.2 * t, 2.6))
+    for i, ax in enumerate(np.atleast_1d(axes)):
+        m = masks[i]
+        f = frames[i].astype(np.float32) / 255
+        if m.shape != f.shape[:2]:
+            from PIL import Image
+
+            m = np.asarray(Image.fromarray((m * 255).astype(np.uint8)).resize(f.shape[1::-1], Image.BILINEAR)) / 255.0
+        cyan = np.array([0.0, 1.0, 1.0])
+        over = f * (1 - 0.6 * m[..., None]) + cyan * 0.6 * m[..., None]  # the mask probability as cyan
+        ax.imshow(np.clip(over, 0, 1))
+        ax.set_title(f"t={i}  fg {float((masks[i] > 0.5).mean()):.0%}", fontsize=8)
+        ax.axis("off")
+    fig.suptitle(f"{title}\n(cyan: the predicted sounding object, as strong as its mask probability; fg: pixels > 0.5)",
+                 fontsize=9)
+    return _save(fig, out, name)
+
+
 def plot_run(results: dict[str, Any], items, task, out: str) -> list[str]:
     """Every picture of a finished run into ``out``: the curves, the router heat map and the
     task's pictures of its test predictions (titled with the run, the split and the epoch)."""

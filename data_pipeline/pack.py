@@ -110,6 +110,31 @@ def _init_worker(dataset: Dataset, opts: PackOptions, src: str) -> None:
     _WORKER.update(dataset=dataset, opts=opts, src=src)
 
 
+def video_frames(video: str, key: str, dataset: Dataset, opts: PackOptions):
+    """(frame members, the raw wave) of a video: PyAV decode (one frame per segment, 32 kHz mono),
+    frames resized to ``frame_size`` and JPEG-encoded. ``pack --from-videos`` and
+    ``avmoe.predict --video`` both take this path, so a model sees a user's video as it saw its
+    training shards."""
+    frames, wave = media.decode_video(video, key, dataset.segments, dataset.clip_seconds)
+    members = []
+    for t, img in enumerate(frames):
+        img = img.convert("RGB").resize((opts.frame_size, opts.frame_size), media.Image.BICUBIC)
+        members.append((frame_member(t), media.jpeg_bytes(img, opts.jpeg_quality)))
+    return members, wave
+
+
+def video_sample_members(video: str, key: str, dataset: Dataset, opts: PackOptions, labels: dict,
+                         extra: list[tuple[str, bytes]] = ()) -> list[tuple[str, bytes]]:
+    """Every member of a sample made from a video alone, as ``encode_sample`` writes it: its
+    frames and audio, the dataset's ``extra`` members and ``labels``."""
+    members, wave = video_frames(video, key, dataset, opts)
+    wave = media.check_wave(wave, key, video, dataset.audio_samples, dataset.segments)
+    members.append(media.encode_audio(wave, opts.audio_format))
+    members += list(extra)
+    members.append((LABELS_MEMBER, media.json_bytes(labels)))
+    return members
+
+
 def encode_sample(sample: RawSample, dataset: Dataset,
                   opts: PackOptions) -> list[tuple[str, bytes]]:
     """All members of one sample (suffix, bytes); raises SampleError naming what is wrong."""
@@ -118,10 +143,7 @@ def encode_sample(sample: RawSample, dataset: Dataset,
     key, segments = sample.key, dataset.segments
     members: list[tuple[str, bytes]] = []
     if sample.video is not None:
-        frames, wave = media.decode_video(sample.video, key, segments, dataset.clip_seconds)
-        for t, img in enumerate(frames):
-            img = img.convert("RGB").resize((opts.frame_size, opts.frame_size), media.Image.BICUBIC)
-            members.append((frame_member(t), media.jpeg_bytes(img, opts.jpeg_quality)))
+        members, wave = video_frames(sample.video, key, dataset, opts)
         audio_path = sample.video
     else:
         if len(sample.frames) != segments:

@@ -116,6 +116,27 @@ class AVETask(Task):
         pv = F.softmax(topk_time_mean(out["video_cas"], k), -1)
         return pa.gather(1, y[:, None]).sum(), pv.gather(1, y[:, None]).sum()
 
+    def prediction_record(self, preds, cfg, vocab):
+        """Per second: the event class or background, with its confidence (P(event) x P(class)
+        for an event, 1 - P(event) for background)."""
+        classes = list(vocab.get("classes") or CATEGORIES)
+        p_event = torch.sigmoid(preds["is_event"][0].float().reshape(-1))
+        p_class = torch.softmax(preds["event_logits"][0].float().reshape(-1), -1)
+        labels = preds["labels"][0].reshape(-1).tolist()
+        seconds = []
+        for t, c in enumerate(labels):
+            fg = c != BACKGROUND
+            seconds.append({"second": t, "label": classes[c] if fg else "background",
+                            "confidence": float(p_event[t] * p_class[c]) if fg else float(1 - p_event[t])})
+        top = int(p_class.argmax())
+        return {"video_class": classes[top], "video_class_probability": float(p_class[top]), "seconds": seconds}
+
+    def plot_prediction(self, record, frames, out_dir, title):
+        from avmoe.plots import plot_clip_tracks
+
+        track = [[(s["label"], s["confidence"])] if s["label"] != "background" else [] for s in record["seconds"]]
+        return [plot_clip_tracks(frames, {"event": track}, out_dir, title)]
+
     def plot_predictions(self, items, out_dir, title):
         from avmoe.plots import plot_segment_timelines
 

@@ -114,6 +114,22 @@ class AVQATask(Task):
     def metric_accumulator(self, cfg):
         return AVQAAccumulator()
 
+    def prediction_record(self, preds, cfg, vocab):
+        """The answer and the top 5 with their probabilities."""
+        answers = list(vocab.get("answers") or [])
+        p = torch.softmax(preds["answer_logits"][0].float(), -1)
+        top = torch.topk(p, min(5, p.numel()))
+        return {"answer": answers[int(top.indices[0])],
+                "top5": [{"answer": answers[int(i)], "probability": float(v)} for v, i in zip(top.values, top.indices)]}
+
+    def plot_prediction(self, record, frames, out_dir, title):
+        from avmoe.plots import plot_clip_tracks
+
+        track = [[(a["answer"], a["probability"])] for a in record["top5"]]
+        track += [[] for _ in range(len(frames) - len(track))]
+        return [plot_clip_tracks(frames, {"answer top 5": track}, out_dir,
+                                 f"{title}\nQ: {record.get('question', '')}  A: {record['answer']}")]
+
     @torch.no_grad()
     def ogm_scores(self, model, out, batch):
         """The concat-fusion split of OGM-GE: ``fc_fusion`` acts on [audio ; visual]; the audio

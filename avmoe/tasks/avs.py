@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -176,6 +177,23 @@ class AVSTask(Task):
 
     def metric_accumulator(self, cfg):
         return AVSAccumulator(cfg.eval_videos_per_batch)
+
+    def prediction_record(self, preds, cfg, vocab):
+        """Per frame the share of pixels of the sounding object (mask probability > 0.5); the
+        masks themselves go to masks.npy and the picture."""
+        m = preds["mask_prob"][0].float()
+        return {"frames": [{"frame": t, "foreground_fraction": float((m[t] > 0.5).float().mean())}
+                           for t in range(m.shape[0])], "mask_size": int(m.shape[-1]),
+                "_masks": m.numpy()}
+
+    def plot_prediction(self, record, frames, out_dir, title):
+        import os
+
+        from avmoe.plots import plot_clip_masks
+
+        masks = record.pop("_masks")
+        np.save(os.path.join(out_dir, "masks.npy"), masks.astype(np.float32))
+        return [plot_clip_masks(frames, masks, out_dir, title), os.path.join(out_dir, "masks.npy")]
 
     def plot_predictions(self, items, out_dir, title):
         from avmoe.plots import plot_masks

@@ -115,6 +115,28 @@ class AVVPTask(Task):
         n = y.sum(1).clamp(min=1)
         return ((out["audio_prob"] * y).sum(1) / n).sum(), ((out["visual_prob"] * y).sum(1) / n).sum()
 
+    def prediction_record(self, preds, cfg, vocab):
+        """The audio and the visual event tracks: per second the classes the official rule
+        predicts (frame probability >= 0.5 and video probability >= 0.5), with the frame
+        probability; and the video-level probabilities above 0.5."""
+        from avmoe.metrics import avvp_binarize
+
+        classes = list(vocab.get("classes") or [])
+        out = {"video_labels": {classes[c]: float(p) for c, p in enumerate(preds["video_prob"][0].tolist()) if p >= 0.5}}
+        for m in ("audio", "visual"):
+            frame = preds[f"{m}_frame_prob"][0].float()  # (T, C)
+            on = avvp_binarize(frame, preds[f"{m}_prob"][0].float(), layout="NTC")
+            out[f"{m}_events"] = [[{"label": classes[c], "probability": float(frame[t, c])}
+                                   for c in np.nonzero(on[t])[0]] for t in range(frame.shape[0])]
+        return out
+
+    def plot_prediction(self, record, frames, out_dir, title):
+        from avmoe.plots import plot_clip_tracks
+
+        tracks = {m: [[(e["label"], e["probability"]) for e in sec] for sec in record[f"{m}_events"]]
+                  for m in ("audio", "visual")}
+        return [plot_clip_tracks(frames, tracks, out_dir, title)]
+
     def plot_predictions(self, items, out_dir, title):
         from avmoe.plots import plot_event_maps
         from data_pipeline.datasets.avvp import CATEGORIES

@@ -274,6 +274,17 @@ class Task:
         return AVBatch(frames=frames, audio=audio, targets=self.example_targets(cfg, b, g),
                        keys=[f"v{i}" for i in range(b)])
 
+    def prediction_record(self, preds: dict[str, Any], cfg: TaskConfig, vocab: dict[str, Any]) -> dict[str, Any]:
+        """What ``avmoe.predict`` writes to prediction.json for one clip (``preds``: this task's
+        ``predict`` output for a batch of one; ``vocab``: the shards' label vocabularies). Default:
+        the raw outputs as lists."""
+        return {k: v[0].tolist() if hasattr(v, "tolist") else v for k, v in preds.items()}
+
+    def plot_prediction(self, record: dict[str, Any], frames, out_dir: str, title: str) -> list[str]:
+        """The task's picture of one predicted clip (``frames``: (T, H, W, 3) uint8); returns the
+        files written. Default: none."""
+        return []
+
     def plot_predictions(self, items: list, out_dir: str, title: str) -> list[str]:
         """The task's pictures of test predictions (``items``: (key, preds, targets) in split
         order); returns the PNG paths written. Default: none."""

@@ -240,6 +240,34 @@ class AVQA(Dataset):
 
         return fill
 
+    # ------------------------------------------------------------------ inference
+    def inference_sample(self, spec, question=None, question_type=None, **inputs):
+        """``question``: the text, tokenised as the official code does (space-separated words,
+        the final '?' dropped); every word must be in the trained question vocabulary.
+        ``question_type``: "Type/Subtype" (e.g. "Audio-Visual/Existential", the breakdown the
+        answer is reported under; MUSIC-AVQA's annotations give it, free text does not), default
+        the first one."""
+        if not question or not question.strip():
+            raise ValueError("AVQA needs a question (--question \"Is the guitar playing?\")")
+        words = avqa_question_tokens({"question_content": question.strip(), "templ_values": "[]"})
+        vocab = set(spec.extra["question_tokens"])
+        unknown = [w for w in words if w not in vocab]
+        if unknown:
+            raise ValueError(f"question word(s) {unknown} are not in the model's {len(vocab)}-word question "
+                             f"vocabulary (MUSIC-AVQA's questions are templated: rephrase with known words)")
+        if len(words) > spec.extra["max_question_len"]:
+            raise ValueError(f"the question has {len(words)} words; the model takes at most "
+                             f"{spec.extra['max_question_len']}")
+        qtype = list(QUESTION_TYPES[0])
+        if question_type:
+            qtype = [x.strip() for x in question_type.split("/")]
+            if tuple(qtype) not in QUESTION_TYPES:
+                raise ValueError(f"question type {question_type!r} is not one of "
+                                 f"{', '.join('/'.join(t) for t in QUESTION_TYPES)}")
+        labels = {"question": question, "question_tokens": words, "question_type": qtype,
+                  "answer": spec.extra["answers"][0]}  # (the answer is what is asked: a placeholder)
+        return labels, []
+
     # ------------------------------------------------------------------ synthetic data
     def synth(self, out, n, rng, num_classes, size, videos):
         qid = 0

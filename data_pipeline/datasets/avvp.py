@@ -175,6 +175,22 @@ class AVVP(Dataset):
                               f"{FEATURES_DIM}), got {feats.dtype} {tuple(feats.shape)}")
         out["features"][i] = feats
 
+    # ------------------------------------------------------------------ inference
+    def inference_sample(self, spec, features=None, **inputs):
+        """``features``: the clip's R(2+1)D-18 features (T, 512) (a ``.npy`` path or an array);
+        without them the model's motion stream sees zeros (and ``avmoe.predict`` says so)."""
+        t = spec.segments
+        if features is None:
+            feats = np.zeros((t, FEATURES_DIM), np.float32)
+        else:
+            feats = media.load_npy(features, "video", "R(2+1)D features", max_elements=t * FEATURES_DIM) \
+                if isinstance(features, str) else np.asarray(features)
+            if feats.shape != (t, FEATURES_DIM) or not np.isfinite(feats).all():
+                raise ValueError(f"R(2+1)D features must be finite numbers of shape ({t}, {FEATURES_DIM}); got "
+                                 f"{feats.dtype} {tuple(feats.shape)}")
+        labels = {"label_indices": [], "audio_events": [], "visual_events": []}
+        return labels, [(FEATURES_MEMBER, media.npy_bytes(feats.astype("float32")))]
+
     # ------------------------------------------------------------------ synthetic data
     def synth(self, out, n, rng, num_classes, size, videos):
         cats = CATEGORIES

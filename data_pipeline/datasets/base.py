@@ -186,6 +186,14 @@ class Dataset:
         """Decode the extra members (``{suffix: bytes-like}``) into target columns of row
         ``i``; raises ``MemberError``."""
 
+    # ------------------------------------------------------------------ inference
+    def inference_sample(self, spec: "SampleSpec", **inputs) -> tuple[dict, list[tuple[str, bytes]]]:
+        """(labels, extra members) of a sample made from a user's video for a model to predict on
+        (``avmoe.predict``): labels the target encoder accepts, carrying no ground truth, and the
+        extra members the model needs (``inputs``: e.g. AVQA's ``question``, AVVP's ``features``).
+        Raise ``ValueError`` naming what is missing."""
+        raise NotImplementedError(f"dataset {self.name!r} has no inference input (predict on its shards)")
+
     # ------------------------------------------------------------------ synthetic data
     def check_synth(self, videos: bool) -> None:
         """Raise ``ValueError`` if the generator cannot write this (e.g. videos)."""

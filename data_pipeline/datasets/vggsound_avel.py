@@ -104,6 +104,10 @@ class VGGSoundAVEL(Dataset):
 
         return fill
 
+    # ------------------------------------------------------------------ inference
+    def inference_sample(self, spec, **inputs):
+        return {"class_index": 0}, []  # (a placeholder: the clip's class is what is not known)
+
     # ------------------------------------------------------------------ synthetic data
     def synth(self, out, n, rng, num_classes, size, videos):
         """Paired clips: class c shows its shape and sounds its tone over the same seconds (the
