@@ -302,6 +302,24 @@ def plot_clip_tracks(frames: np.ndarray, tracks: dict[str, list[list[tuple[str, 
     return _save(fig, out, name)
 
 
+def plot_clip_answer(frames: np.ndarray, question: str, top: list[tuple[str, float]], out: str, title: str,
+                     name: str = "prediction.png") -> str:
+    """A question answered on a clip: the frames, the question, the top answers as bars."""
+    plt = _plt()
+    fig, axes = plt.subplots(2, 1, figsize=(max(8, 1.3 * len(frames)), 2.4 + 0.35 * len(top)),
+                             gridspec_kw={"height_ratios": [2.0, 0.35 * len(top) + 0.4]})
+    axes[0].imshow(np.concatenate(list(frames), axis=1))
+    axes[0].axis("off")
+    axes[0].set_title(f"Q: {question}", fontsize=9)
+    names, probs = [a for a, _ in top][::-1], [p for _, p in top][::-1]
+    axes[1].barh(names, probs, color=["C1"] * (len(top) - 1) + ["C2"])
+    for y, p in enumerate(probs):
+        axes[1].text(p, y, f" {p:.2f}", va="center", fontsize=8)
+    axes[1].set(xlim=(0, 1), xlabel="answer probability (top answers; green: the answer)")
+    fig.suptitle(title, fontsize=10)
+    return _save(fig, out, name)
+
+
 def plot_clip_masks(frames: np.ndarray, masks: np.ndarray, out: str, title: str, name: str = "prediction.png") -> str:
     """Predicted masks (T, M, M) probabilities over the clip's frames (T, H, W, 3): a strip."""
     plt = _plt()

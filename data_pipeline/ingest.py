@@ -266,8 +266,9 @@ class ShardStream:
             row = 0
         return tasks
 
-    def dataset(self, epoch: int, start_batch: int = 0, start_sample: int | None = None):
-        """The Ray Dataset of this rank's epoch (lazy; one block per plan batch)."""
+    def ray_dataset(self, epoch: int, start_batch: int = 0, start_sample: int | None = None):
+        """The Ray Dataset of this rank's epoch (lazy; one block per plan batch; decoded columns).
+        (Not ``dataset``: that attribute is the ``Dataset`` of the split.)"""
         return self._dataset(self._plan(epoch, start_batch, start_sample))
 
     def _dataset(self, plan):

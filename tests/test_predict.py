@@ -45,7 +45,7 @@ def runs(tmp_path_factory, ray_local):
     out = {}
     for name in TASKS:
         shards, raw = _videos(root, name)
-        cfg = base_config(name, shards, os.path.join(root, "runs"), name.replace("-", "_"), workers=1, test=False,
+        cfg = base_config(name, shards, os.path.join(root, "runs"), name.replace("-", "_"), workers=1, test=name == "ave",
                           batch_size=2, limit_train_batches=1, limit_eval_batches=1, metrics=False, tracking="none")
         run_local(prepare(cfg))
         out[name] = (os.path.join(root, "runs", name.replace("-", "_")), shards, raw)
@@ -175,3 +175,32 @@ def test_predict_errors(runs, tmp_path, capsys):
         predict_video(avqa_run, video, str(tmp_path / "q"))
     with pytest.raises(PredictError, match="not in the model"):
         predict_video(avqa_run, video, str(tmp_path / "q"), question="Is the zebraphone xylotuning?")
+
+
+def test_batch_inference_on_two_actors_equals_the_test_evaluation(runs, tmp_path, capsys):
+    """``--shards``: the ingest's decode tasks feed an actor pool of 2 models; the output parts,
+    read back, give the trainer's own test metric of the same checkpoint (to 1e-9); a part
+    removed is the only one recomputed on the next run."""
+    from avmoe.predict import evaluate_predictions, read_predictions
+
+    run, shards, _ = runs["ave"]
+    out = str(tmp_path / "predictions.parquet")
+    argv = ["--checkpoint", run, "--shards", shards, "--split", "test", "--out", out, "--actors", "2", "--parts", "2",
+            "--batch-size", "1", "--evaluate"]
+    assert main(argv) == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    assert "samples/s" in printed and "acc" in printed
+    rows = read_predictions(out)
+    from data_pipeline.manifest import load_manifest
+
+    keys = [k for s in load_manifest(shards, "test")["shards"] for k in s["keys"]]
+    assert sorted(map(str, rows["key"])) == sorted(keys)  # every test sample once
+    assert rows["pred.labels"].shape[1:] == (10,) or rows["pred.labels"].shape[1:] == (10, 1)
+    trained = json.load(open(os.path.join(run, "results.json")))["test"]
+    mine = evaluate_predictions(out, run, shards, "test")
+    assert set(mine) == set(trained) and all(abs(mine[k] - trained[k]) < 1e-9 for k in trained)
+    os.remove(os.path.join(out, "part-00001.parquet"))
+    assert main(argv) == 0
+    again = capsys.readouterr().out
+    assert "1 parts were already there" in again and "part 2/2" in again and "part 1/2" not in again
+    assert evaluate_predictions(out, run, shards, "test") == mine

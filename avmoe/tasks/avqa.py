@@ -123,12 +123,11 @@ class AVQATask(Task):
                 "top5": [{"answer": answers[int(i)], "probability": float(v)} for v, i in zip(top.values, top.indices)]}
 
     def plot_prediction(self, record, frames, out_dir, title):
-        from avmoe.plots import plot_clip_tracks
+        from avmoe.plots import plot_clip_answer
 
-        track = [[(a["answer"], a["probability"])] for a in record["top5"]]
-        track += [[] for _ in range(len(frames) - len(track))]
-        return [plot_clip_tracks(frames, {"answer top 5": track}, out_dir,
-                                 f"{title}\nQ: {record.get('question', '')}  A: {record['answer']}")]
+        top = [(a["answer"], a["probability"]) for a in record["top5"]]
+        return [plot_clip_answer(frames, f"{record.get('question', '')} ({record.get('question_type', '')})", top,
+                                 out_dir, title)]
 
     @torch.no_grad()
     def ogm_scores(self, model, out, batch):
