@@ -372,6 +372,15 @@ def run_demo_plan(task_name: str, argv: list[str], args: argparse.Namespace, bas
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    except SystemExit:  # SIGTERM / SIGHUP: the finished runs stay finished, the next call resumes
+        from avmoe.ray_env import termination_signal
+
+        sig = termination_signal()
+        if sig is None:
+            raise
+        print(f"[{task_name}] stopped by signal {sig} after {len(done)} of {len(plan)} runs; to continue: "
+              f"{resume_command(task_name, argv, name, base.paths.storage)}", file=sys.stderr)
+        return 128 + sig
     summary = task.demo_summary(done)
     if summary:
         print(summary)
