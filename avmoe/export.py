@@ -112,18 +112,12 @@ def model_from_config(train_config: dict[str, Any], device: str | torch.device =
     """(task, model config, model) rebuilt as the trainer built it: the run's preset and model
     overrides, the frozen weights drawn with the run's seed (random-init backbones) or read from
     its local weight files."""
-    import random
-
-    import numpy as np
-
     from avmoe.train.config import TrainConfig
+    from avmoe.train.trainer import seed_all
 
     tcfg = TrainConfig.from_dict(train_config)
     task, cfg = tcfg.get_task(), tcfg.task_config()
-    seed = int(tcfg.resolved_optim().seed)  # as the trainer's _seed_all before build_model
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+    seed_all(int(tcfg.resolved_optim().seed))  # as the trainer does before build_model
     with torch.device(device):
         model = task.build_model(cfg)
     return task, cfg, model

@@ -37,6 +37,7 @@ __all__ = [
     "cmg_ave_accuracy",
     "cmg_avvp_scores",
     "cmg_micro_scores",
+    "cmg_video_class",
 ]
 
 # Class order of the GT matrix rows (AVVP-ECCV20 main_avvp.py `eval`) and the MUSIC-AVQA
@@ -504,7 +505,7 @@ def avqa_accuracy(preds: Any, answers: Any, question_types: Any) -> dict[str, fl
 # --------------------------------------------------------------------------- CMG (cross-modal generalisation)
 
 
-def _cmg_video_class(labels: np.ndarray) -> np.ndarray:
+def cmg_video_class(labels: np.ndarray) -> np.ndarray:
     """(N, T, C+1) one-hot segment labels, background last -> (N,) the video's class: per
     segment the argmax of the C event columns (a background segment, all zero there, gives 0),
     then the largest over time (CMG ave.py; one event class per AVE video)."""
@@ -517,7 +518,7 @@ def cmg_ave_accuracy(scores: Any, labels: Any, batch_size: int | None = 80) -> f
     """CMG's AVE cross-modal accuracy (haihuangcode/CMG code/src/ave.py ``validate_epoch``):
     video-level classification, ``scores`` (N, C) (argmax, first index on ties), ``labels``
     (N, T, C+1) one-hot segment labels with background last; the video's class is
-    ``_cmg_video_class``. Per loader batch of ``batch_size`` videos (None: one batch) the
+    ``cmg_video_class``. Per loader batch of ``batch_size`` videos (None: one batch) the
     official loop computes ``acc_b = correct_b * (100 / B_b)`` in float64 and averages it with
     weight ``10 * B_b``: the exact fraction of correct videos up to that rounding, reproduced
     here. A fraction (the official log prints x100)."""
@@ -525,7 +526,7 @@ def cmg_ave_accuracy(scores: Any, labels: Any, batch_size: int | None = 80) -> f
     if s.ndim != 2 or len(s) != len(y):
         raise ValueError(f"scores must be (N, C) for the N={len(y)} videos of labels, got {s.shape}")
     _check_positive("batch_size", batch_size)
-    correct = s.argmax(-1) == _cmg_video_class(y)
+    correct = s.argmax(-1) == cmg_video_class(y)
     if correct.size == 0:
         return math.nan
     total, count = 0.0, 0

@@ -48,7 +48,8 @@ def load_model(checkpoint: str, device: str = "cpu"):
     missing = [k for k in adapter_keys(model) if k not in state]
     if missing:
         raise PredictError(f"--checkpoint: {ckpt} lacks trainable tensors of its model, e.g. {missing[:3]}")
-    model.load_state_dict({k: v for k, v in state.items() if k in dict(model.state_dict())}, strict=False)
+    own = model.state_dict().keys()
+    model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
     return task, cfg, model.eval(), {"checkpoint": ckpt, **m}
 
 

@@ -44,11 +44,10 @@ scripts: per-script UA variant, train-mode backbones with SpecAugment / mixup).
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-
-from dataclasses import dataclass, field
 
 from avmoe.batch import AVBatch
 from avmoe.config import ConfigError, OptimConfig, TaskConfig, apply_overrides

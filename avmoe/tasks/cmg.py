@@ -56,6 +56,22 @@ def _world() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def _sum_over_ranks(tensors: list[torch.Tensor], mean: bool = False) -> None:
+    """In place, every rank's sum (or mean) of ``tensors``, in one all-reduce of their
+    concatenation (nothing to do on one rank)."""
+    world = _world()
+    if world == 1:
+        return
+    flat = torch.cat([t.flatten() for t in tensors])
+    dist.all_reduce(flat)
+    if mean:
+        flat /= world
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
 # --------------------------------------------------------------------------- labels
 
 
@@ -162,11 +178,11 @@ class DownstreamAccumulator(MetricAccumulator):
     def _trivial(self, m: str) -> float:
         """The protocol's number for a constant guess on the test modality: the most frequent
         video class (AVE), background on every segment (AVVP, AVE -> AVVP)."""
-        from avmoe.metrics import _cmg_video_class, cmg_ave_accuracy, cmg_avvp_scores
+        from avmoe.metrics import cmg_video_class, cmg_ave_accuracy, cmg_avvp_scores
 
         labels = torch.cat(self.labels[m])
         if not self.cfg.segment_level:
-            cls = _cmg_video_class(labels.numpy())
+            cls = cmg_video_class(labels.numpy())
             scores = torch.zeros(len(cls), labels.shape[-1] - 1)
             scores[:, int(np.bincount(cls).argmax())] = 1
             return cmg_ave_accuracy(scores, labels)
@@ -210,15 +226,7 @@ class CMGAuxiliary(TaskAuxiliary):
         mode = "code" if cfg.mm_ema == "none" else cfg.mm_ema
         stats = mm_ema_stats(cb, out["z_a"], out["z_v"], out["idx_a"], out["idx_v"], mode,
                              own_weight=1.0 if cfg.mm_ema == "none" else 0.5)
-        keys = list(stats)
-        flat = torch.cat([stats[k].flatten() for k in keys]).to(cb.embedding.device)
-        if _world() > 1:
-            dist.all_reduce(flat)  # one collective: every rank applies the global batch's update
-        offset = 0
-        for k in keys:
-            n = stats[k].numel()
-            stats[k] = flat[offset:offset + n].view_as(stats[k])
-            offset += n
+        _sum_over_ranks(list(stats.values()))  # every rank applies the global batch's update
         cb.ema_update(stats, cfg.ema_decay, cfg.ema_eps, mode)
         resets = 0
         if cfg.code_reset:
@@ -239,14 +247,7 @@ class CMGAuxiliary(TaskAuxiliary):
             self.club_opt.zero_grad(set_to_none=False)
             loss = -(self.club_a.loglikeli(x_a, y_a) + self.club_v.loglikeli(x_v, y_v))
             loss.backward()
-            if _world() > 1:
-                grads = torch.cat([p.grad.flatten() for p in self.club_params])
-                dist.all_reduce(grads)
-                grads /= _world()
-                offset = 0
-                for p in self.club_params:
-                    p.grad.copy_(grads[offset:offset + p.numel()].view_as(p))
-                    offset += p.numel()
+            _sum_over_ranks([p.grad for p in self.club_params], mean=True)  # identical nets on every rank
             self.club_opt.step()
             lld = float(loss.detach())
         return lld
@@ -431,9 +432,9 @@ class CMGTask(Task):
         labels, weight = segment_targets(cfg, batch, modality)
         labels, weight = labels.to(logits.device), weight.to(logits.device)
         if not cfg.segment_level:  # AVE: the video's class from its segment labels
-            from avmoe.metrics import _cmg_video_class  # (one rule for the loss and the metric)
+            from avmoe.metrics import cmg_video_class  # (one rule for the loss and the metric)
 
-            y = torch.as_tensor(_cmg_video_class(labels.cpu().numpy()), device=logits.device)
+            y = torch.as_tensor(cmg_video_class(labels.cpu().numpy()), device=logits.device)
             ce = F.cross_entropy(logits.float(), y)
             return ce, {"ce": float(ce.detach())}
         flat, y = logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1, labels.shape[-1])

@@ -27,6 +27,7 @@ import time
 from typing import Any
 
 from avmoe.train.config import ConfigError, TrainConfig, describe_key, parse_overrides
+from avmoe.train.driver import absolute_path
 
 # flag -> TrainConfig key (values are parsed by the field's type, so errors name the key)
 FLAGS = {
@@ -61,7 +62,7 @@ def build_parser(task_name: str) -> argparse.ArgumentParser:
     if task.variants:
         p.add_argument(f"--{task.variant_option}", dest="variant", choices=task.variants,
                        default=task.variants[0], help=f"task variant (default {task.variants[0]})")
-    model_defaults = task.config("tiny")
+    model_defaults = task.config("tiny") if task.extra_flags else None
     for flag, (key, text, _) in task.extra_flags.items():
         from avmoe.config import describe, field_type, resolve_key
 
@@ -87,10 +88,6 @@ def default_storage() -> str:
 
     home = pwd.getpwuid(os.getuid()).pw_dir
     return os.path.join(os.environ.get("XDG_DATA_HOME") or os.path.join(home, ".local", "share"), "avmoe", "runs")
-
-
-def _absolute(value: str) -> str:
-    return value if "://" in value else os.path.abspath(os.path.expanduser(value))
 
 
 def config_from_args(task_name: str, argv: list[str] | None) -> tuple[TrainConfig, bool, argparse.Namespace]:
@@ -124,7 +121,7 @@ def user_settings(task_name: str, args: argparse.Namespace) -> dict[str, Any]:
     for key, value in given.items():  # local weight files of the model config too (model.visual.weights=...)
         if key in LOCAL_PATH_KEYS or key in path_keys or (key.startswith("model.") and key.endswith(".weights")):
             if str(value).lower() not in ("", "none", "null"):
-                given[key] = _absolute(value)
+                given[key] = absolute_path(value)
     return given
 
 
@@ -206,7 +203,7 @@ def demo_data_root(tcfg: TrainConfig) -> str:
     """Where the embedded demo's shards go: ``AVMOE_DEMO_DIR``; else beside the runs when they
     are on object storage (every node reads them); else a per-user cache on this node."""
     if os.environ.get("AVMOE_DEMO_DIR"):
-        return _absolute(os.environ["AVMOE_DEMO_DIR"])
+        return absolute_path(os.environ["AVMOE_DEMO_DIR"])
     if "://" in tcfg.paths.storage:
         return tcfg.paths.storage.rstrip("/") + "/demo-data"
     return os.path.join(os.path.dirname(tcfg.paths.storage.rstrip("/")), "demo-data")
@@ -311,16 +308,22 @@ def main(task_name: str, argv: list[str] | None = None) -> int:
     try:
         results = fit(tcfg, prepared=True, progress=True)
     except SystemExit:  # SIGTERM / SIGHUP (Ray's own shutdown then runs at exit)
-        from avmoe.ray_env import termination_signal
-
-        sig = termination_signal()
-        if sig is None:
-            raise
-        print(f"[{task_name}] stopped by signal {sig}; to resume from its latest checkpoint: "
-              f"{resume_command(task_name, argv, name, tcfg.paths.storage)}", file=sys.stderr)
-        return 128 + sig
+        return stopped_by_signal(f"[{task_name}] stopped by signal {{sig}}; to resume from its latest checkpoint: "
+                                 f"{resume_command(task_name, argv, name, tcfg.paths.storage)}")
     print(format_results(results, history=False) + f"; done in {time.perf_counter() - t0:.0f} s")
     return 0
+
+
+def stopped_by_signal(message: str) -> int:
+    """Inside ``except SystemExit``: a job ended by SIGTERM / SIGHUP says ``message`` (its
+    ``{sig}`` filled in) and returns 128 + the signal; any other SystemExit goes on."""
+    from avmoe.ray_env import termination_signal
+
+    sig = termination_signal()
+    if sig is None:
+        raise
+    print(message.replace("{sig}", str(sig)), file=sys.stderr)
+    return 128 + sig
 
 
 def run_demo_plan(task_name: str, argv: list[str], args: argparse.Namespace, base: TrainConfig, t0: float) -> int:
@@ -373,14 +376,8 @@ def run_demo_plan(task_name: str, argv: list[str], args: argparse.Namespace, bas
         print(f"config error: {e}", file=sys.stderr)
         return 2
     except SystemExit:  # SIGTERM / SIGHUP: the finished runs stay finished, the next call resumes
-        from avmoe.ray_env import termination_signal
-
-        sig = termination_signal()
-        if sig is None:
-            raise
-        print(f"[{task_name}] stopped by signal {sig} after {len(done)} of {len(plan)} runs; to continue: "
-              f"{resume_command(task_name, argv, name, base.paths.storage)}", file=sys.stderr)
-        return 128 + sig
+        return stopped_by_signal(f"[{task_name}] stopped by signal {{sig}} after {len(done)} of {len(plan)} runs; "
+                                 f"to continue: {resume_command(task_name, argv, name, base.paths.storage)}")
     summary = task.demo_summary(done)
     if summary:
         print(summary)

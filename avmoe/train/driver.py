@@ -73,7 +73,8 @@ def _eval_only_config(tcfg: TrainConfig) -> TrainConfig:
     return tcfg
 
 
-def _local_or_url(path: str) -> str:
+def absolute_path(path: str) -> str:
+    """A local path made absolute (workers run in another directory); a URL as it is."""
     return path if "://" in path else os.path.abspath(os.path.expanduser(path))
 
 
@@ -99,7 +100,7 @@ def prepare(tcfg: TrainConfig) -> TrainConfig:
     p = tcfg.paths
     for key in ("data", "eval_data"):
         if getattr(p, key):
-            setattr(p, key, _local_or_url(getattr(p, key)))
+            setattr(p, key, absolute_path(getattr(p, key)))
     splits = [p.test_split] if tcfg.evaluation.eval_only else [p.train_split, p.val_split] + (
         [p.test_split] if tcfg.evaluation.test else [])
     manifests = {s: _load_manifest(p.url(s), s) for s in splits}

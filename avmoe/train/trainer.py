@@ -88,7 +88,7 @@ def _set_rng_state(s: dict[str, Any]) -> None:
     random.setstate((p[0], tuple(p[1]), p[2]))
 
 
-def _seed_all(seed: int) -> None:
+def seed_all(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -197,9 +197,9 @@ class Trainer:
         self.batch_size, self.grad_accum = int(self.opt.batch_size), int(self.opt.grad_accum)
 
         # identical initial weights on every rank (DeepSpeed does not broadcast a client model)
-        _seed_all(self.seed)
+        seed_all(self.seed)
         model = self.task.build_model(self.cfg)
-        _seed_all(self.seed + 7919 * self.rank)  # per-rank stream for dropout / router noise
+        seed_all(self.seed + 7919 * self.rank)  # per-rank stream for dropout / router noise
 
         self.train_stream = self.val_stream = None
         self.steps_per_epoch = 1
