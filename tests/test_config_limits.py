@@ -37,6 +37,11 @@ def where_checked() -> str:
     (["--metrics-address", "bad host!"], "metrics_address"),
     (["--batch-size", "5", "--workers", "2"], "batch_size: 5 per worker x 2 workers = 10 samples "
                                               "per step, but the train split"),
+    (["--min-workers", "3", "--workers", "2"], "min_workers (3) must be <= workers (2)"),
+    (["--min-workers", "1", "--workers", "2", "--zero-stage", "1"],
+     "min_workers=1 (elastic) needs zero_stage=0"),
+    (["--worker-resources", "CPU=2"], "worker_resources: CPU is set by cpus_per_worker"),
+    (["--worker-resources", "trainer=-1"], "worker_resources: trainer=-1"),
 ])
 def test_config_checks_with_the_data(argv, says, no_ray, capsys, tmp_path_factory):  # noqa: F811
     data = shards(tmp_path_factory, "ave", 8)
@@ -93,3 +98,16 @@ def test_more_workers_than_the_connected_cluster_holds(ray_local, tmp_path_facto
     check_resources(base_config("ave", data, str(tmp_path), "fits"))  # 2 x 0.5 CPU
     with pytest.raises(ConfigError, match="workers"):
         prepare(cfg)
+
+
+def test_worker_resources_the_cluster_lacks(ray_local, tmp_path):
+    """A custom worker resource no node offers would leave the placement group pending forever:
+    a ConfigError naming the key instead."""
+    from avmoe.train.resources import check_resources
+
+    cfg = base_config("ave", "unused", str(tmp_path), "x", worker_resources={"trainer": 1})
+    with pytest.raises(ConfigError, match="worker_resources: 2 workers need 2 'trainer'; the Ray cluster"):
+        check_resources(cfg)
+    # elastic: the group starts with min_workers, so that is what must fit
+    cfg = base_config("ave", "unused", str(tmp_path), "x", workers=3, min_workers=1, cpus_per_worker=1)
+    check_resources(cfg)

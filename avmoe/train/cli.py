@@ -39,7 +39,8 @@ FLAGS = {
     "--eval-only": "eval_only", "--eval-drop": "eval_drop", "--modulation": "modulation",
     "--ogm-alpha": "ogm_alpha", "--checkpoint-every": "checkpoint_every",
     "--metrics-address": "metrics_address", "--metrics-port": "metrics_port",
-    "--decode-resources": "decode_resources", "--tracking": "tracking",
+    "--decode-resources": "decode_resources", "--decode-on": "decode_on", "--tracking": "tracking",
+    "--worker-resources": "worker_resources", "--min-workers": "min_workers",
 }
 LOCAL_PATH_KEYS = ("data", "eval_data", "storage", "eval_only")  # resolved on the driver (workers run elsewhere)
 

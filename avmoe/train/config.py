@@ -52,12 +52,34 @@ class ScaleConfig(Config):
     gpus_per_worker: float = 0.0
     cpus_per_worker: float = 1.0
     max_failures: int = 1  # worker-group restarts from the latest checkpoint (FailureConfig); -1 = forever
+    # Ray resources every training worker also asks for, e.g. trainer=1 to keep workers on the
+    # trainer node type and off the CPU-only ingest nodes (cluster/*.yaml)
+    worker_resources: dict[str, float] | None = None
+    # elastic: Ray Train starts (and restarts after a node loss) with as many workers as the
+    # cluster holds, between min_workers and workers; the ingest re-deals the rest of the epoch
+    # to the new world size. None = exactly `workers`.
+    min_workers: int | None = None
+    # a drained node (spot preemption notice: `ray drain-node`, the autoscaler, KubeRay) makes
+    # every rank checkpoint at the next step boundary and hand the group back to Ray Train
+    checkpoint_on_preemption: bool = True
 
     def check(self, prefix: str = "") -> None:
-        _at_least(prefix, self, ("workers",), 1)
+        _at_least(prefix, self, ("workers", "min_workers"), 1)
         _at_least(prefix, self, ("gpus_per_worker", "cpus_per_worker"), 0)
         if self.max_failures < -1:
             raise ConfigError(f"{prefix}max_failures must be >= -1 (-1 = retry forever)")
+        if self.min_workers is not None and self.min_workers > self.workers:
+            raise ConfigError(f"{prefix}min_workers ({self.min_workers}) must be <= workers ({self.workers})")
+        for k, v in (self.worker_resources or {}).items():
+            if k in ("CPU", "GPU"):
+                raise ConfigError(f"{prefix}worker_resources: {k} is set by "
+                                  f"{'cpus' if k == 'CPU' else 'gpus'}_per_worker")
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:
+                raise ConfigError(f"{prefix}worker_resources: {k}={v!r} must be a number >= 0")
+
+    @property
+    def elastic(self) -> bool:
+        return self.min_workers is not None and self.min_workers < self.workers
 
 
 @dataclass
@@ -108,9 +130,15 @@ class IngestSection(Config):
     # Ray resources of one decode task, e.g. ingest=1 to place decoding on the CPU-only ingest
     # nodes of cluster/*.yaml (their custom resource); CPU defaults to decode_cpus
     decode_resources: dict[str, float] | None = None
+    # where JPEG frames are decoded (data_pipeline.ingest, bench/README.md "Decode placement"):
+    # ingest = the decode tasks, trainer = a thread pool in each training worker, gpu = nvJPEG on
+    # the worker's GPU, auto = ingest when decode_resources names a custom resource, else trainer
+    decode_on: Literal["auto", "ingest", "trainer", "gpu"] = "auto"
+    decode_threads: int | None = None  # decode_on=trainer: threads per worker (None = its CPUs)
 
     def check(self, prefix: str = "") -> None:
-        _at_least(prefix, self, ("shuffle_buffer", "read_concurrency", "prefetch_batches"), 1)
+        _at_least(prefix, self, ("shuffle_buffer", "read_concurrency", "prefetch_batches",
+                                 "decode_threads"), 1)
         _at_least(prefix, self, ("decode_cpus",), 0)
         for k, v in (self.decode_resources or {}).items():
             if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:
@@ -325,6 +353,16 @@ class TrainConfig(Config):
                 # all-reduce; see avmoe/train/ogm.py.
                 raise ConfigError(f"modulation={self.ogm.modulation!r} needs zero_stage=0 "
                                   f"(got zero_stage={self.deepspeed.zero_stage}); see avmoe/train/ogm.py")
+        if self.scale.elastic and self.deepspeed.zero_stage != 0:
+            # ZeRO >= 1 partitions the optimizer state by data-parallel rank: a checkpoint of N
+            # ranks does not load on N-1 (DeepSpeed's universal checkpoint conversion would)
+            raise ConfigError(f"min_workers={self.scale.min_workers} (elastic) needs zero_stage=0; got "
+                              f"zero_stage={self.deepspeed.zero_stage} (its checkpoints load only on the "
+                              "same number of workers)")
+        if self.ingest.decode_on == "gpu" and not self.scale.gpus_per_worker > 0:
+            raise ConfigError("decode_on='gpu' needs a CUDA device on every training worker (nvJPEG); "
+                              f"got gpus_per_worker={self.scale.gpus_per_worker:g}: set gpus_per_worker, "
+                              "or decode_on=trainer|ingest")
         self.task_config()
         self.resolved_optim()
 

@@ -192,9 +192,12 @@ def fit(tcfg: TrainConfig, *, prepared: bool = False, trainer_cls=None, progress
     name = tcfg.run_name()
     sc = tcfg.scale
     use_gpu = sc.gpus_per_worker > 0
-    resources = {"CPU": sc.cpus_per_worker}
+    resources = {"CPU": sc.cpus_per_worker, **(sc.worker_resources or {})}
     if use_gpu:
         resources["GPU"] = sc.gpus_per_worker
+    # elastic: Ray Train v2 takes a (min, max) range and re-forms the group after a node loss
+    # with what the cluster then holds (the ingest re-deals the epoch's rest, trainer._restore)
+    num_workers = (sc.min_workers, sc.workers) if sc.elastic else sc.workers
     from avmoe.train.progress import DriverProgress
 
     with (DriverProgress() if progress else contextlib.nullcontext()) as shown:
@@ -203,7 +206,7 @@ def fit(tcfg: TrainConfig, *, prepared: bool = False, trainer_cls=None, progress
             train_loop_config={"train": tcfg.to_dict(), "run_name": name, "eval_only": tcfg.evaluation.eval_only,
                                "trainer_cls": trainer_cls, "plugins": _plugins(tcfg),
                                "progress": shown.board if shown else None},
-            scaling_config=ScalingConfig(num_workers=sc.workers, use_gpu=use_gpu, resources_per_worker=resources),
+            scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources),
             # the c10d rendezvous store on the node's address, not every interface
             torch_config=BoundStoreTorchConfig(backend="nccl" if use_gpu else "gloo"),
             run_config=RunConfig(

@@ -51,7 +51,12 @@ def check_resources(tcfg) -> None:
     sc = tcfg.scale
     if ray.is_initialized():
         have, where = ray_resources(), "the Ray cluster (at most, autoscaling included)"
-        need = {"CPU": sc.workers * sc.cpus_per_worker, "GPU": sc.workers * sc.gpus_per_worker}
+        n = sc.min_workers if sc.elastic else sc.workers  # elastic: the group starts with what fits
+        need = {"CPU": n * sc.cpus_per_worker, "GPU": n * sc.gpus_per_worker}
+        for k, v in (sc.worker_resources or {}).items():
+            if n * v > have.get(k, 0.0) + 1e-9:
+                raise ConfigError(f"worker_resources: {n} workers need {n * v:g} {k!r}; {where} has "
+                                  f"{have.get(k, 0.0):g} (node types offering it: see cluster/*.yaml)")
     elif on_cluster():
         return
     else:

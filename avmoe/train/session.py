@@ -42,6 +42,15 @@ class Session:
                dir_name: str | None = None) -> None:
         raise NotImplementedError
 
+    def wait_reports_committed(self, timeout_s: float = 120.0) -> None:
+        """Block until the run's reported checkpoints are registered (before leaving on purpose:
+        a report still in flight when the worker exits is lost to the restart)."""
+
+    def preemption_notice(self) -> str | None:
+        """Why this worker's node is going away (a drain: spot preemption notice, scale-down),
+        or None. Local to this rank and cheap: the trainer agrees on it across ranks itself."""
+        return None
+
     def write_run_files(self, local_dir: str) -> str:
         """Copy ``local_dir``'s files to the run's directory in storage; returns that location."""
         raise NotImplementedError
@@ -94,6 +103,26 @@ class RaySession(Session):
         ckpt = Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         ray.train.report(_json_safe(metrics), checkpoint=ckpt,
                          checkpoint_dir_name=dir_name if checkpoint_dir else None)
+
+    def wait_reports_committed(self, timeout_s: float = 120.0) -> None:
+        import ray.train
+
+        ray.train.get_all_reported_checkpoints(timeout_s=timeout_s)  # (blocks on in-flight reports)
+
+    def preemption_notice(self) -> str | None:
+        # What Ray Train's PreemptionWatcher (polling the GCS for draining nodes) marked on this
+        # worker. The public ray.train.get_preemption_info() reads the same value but is a
+        # broadcast through Ray actors on every call: too costly per step, so the rank-local
+        # value is read and the trainer all-reduces it with torch.distributed.
+        try:
+            from ray.train.v2._internal.execution.context import get_train_context
+
+            info = get_train_context().preemption_context.preemption_info
+        except Exception:  # another Ray version or no watcher: no notice, Ray's own restart still works
+            return None
+        if info is None:
+            return None
+        return f"node(s) {', '.join(n[:12] for n in info.preempted_node_ids)} draining (deadline_ms {info.deadline_ms})"
 
     def write_run_files(self, local_dir: str) -> str:
         import pyarrow.fs

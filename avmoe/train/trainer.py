@@ -73,6 +73,10 @@ class RunState:
 # --------------------------------------------------------------------------- helpers
 
 
+class Preempted(RuntimeError):
+    """The worker group leaves after its preemption checkpoint (Ray Train then restarts it)."""
+
+
 def _rng_state() -> dict[str, Any]:
     np_state = np.random.get_state()
     return {"torch": torch.get_rng_state().tolist(),
@@ -151,6 +155,7 @@ class Trainer:
 
         self.progress = Progress(config.get("progress"), self.rank)
         self.step_times: list[float] = []
+        self.wait_times: list[float] = []  # of each step: waiting for the ingest's next batch
         self.first_step_unix: float | None = None
         self.stopped_at_max_steps = False
 
@@ -293,8 +298,29 @@ class Trainer:
             self.train_ingest_state = meta["rank"].get("ingest")
             if not self.eval_only:
                 _set_rng_state(meta["rank"]["rng"])
+                self._redeal_after_resize()
             log.info("rank %d: resumed from %s (epoch %d, step %d, %d batches into the epoch)",
                      self.rank, ckdir, self.state.epoch, self.state.step, self.state.batches_done)
+
+    def _redeal_after_resize(self) -> None:
+        """Resumed on another world size (an elastic restart after a node loss, or a resubmit
+        with other --workers; ZeRO 0): the ingest re-deals the rest of the epoch from the
+        checkpoint's global position, and this rank's batch counter is set so that the epoch
+        ends when that rest is consumed -- nothing of the epoch repeated or lost."""
+        ing, st = self.train_ingest_state, self.state
+        self._redealt = False
+        if not ing or ing.get("epoch") != st.epoch or not st.batches_done:
+            return
+        if (ing.get("world_size", self.world) == self.world and ing.get("batch_size", self.batch_size)
+                == self.batch_size) or "position" not in ing:
+            return
+        rest = len(self.train_stream.plan_keys(st.epoch, start_sample=int(ing["position"])))  # no I/O
+        total = self.steps_per_epoch * self.grad_accum
+        rest -= rest % self.grad_accum  # whole optimiser steps
+        log.warning("rank %d: resumed on %d workers from a checkpoint of %d: %d batches of the epoch's "
+                    "rest re-dealt to this rank", self.rank, self.world, ing["world_size"], min(rest, total))
+        st.batches_done = max(0, total - rest)
+        self._redealt = True
 
     # ------------------------------------------------------------------ training
 
@@ -329,7 +355,7 @@ class Trainer:
         self.module.reset_router_stats()
         total_batches = self.steps_per_epoch * self.grad_accum
         resume = self.train_ingest_state
-        if resume and resume["epoch"] == epoch and st.batches_done:
+        if resume and resume["epoch"] == epoch and (st.batches_done or getattr(self, "_redealt", False)):
             it = self.train_stream.resume(resume)
         else:
             it = self.train_stream.epoch(epoch, start_batch=st.batches_done)
@@ -344,16 +370,46 @@ class Trainer:
                 mid = st.batches_done < total_batches
                 at_max = self.tcfg.loop.max_steps is not None and st.step >= self.tcfg.loop.max_steps
                 every = self.tcfg.checkpoint.checkpoint_every
-                if mid and (at_max or (every and st.step % every == 0)):
+                periodic = mid and (at_max or (every and st.step % every == 0))
+                if periodic:
                     self.save(self.checkpoint_name(), NO_SCORE,
                               {"train_loss": self._loss_sum / max(1, self._loss_n)})
                 if at_max and mid:
                     self.stopped_at_max_steps = True
                     return False
+                if mid:
+                    self._leave_if_preempted(saved=periodic)
         finally:
             with contextlib.suppress(Exception):
                 it.close()
         return True
+
+    def _leave_if_preempted(self, saved: bool) -> None:
+        """At a mid-epoch step boundary: when any rank's node is draining (a spot preemption
+        notice), every rank checkpoints now -- so at most the step in flight when the notice came
+        is lost -- and the group stops with ``Preempted``; Ray Train restarts it from that
+        checkpoint on the nodes that remain or replace the drained one
+        (``FailureConfig.max_preemption_failures``). (At an epoch's last step ``end_epoch``
+        checkpoints next; the following step boundary leaves.) One scalar all-reduce per step:
+        the ranks see the notice at different steps."""
+        if not self.tcfg.scale.checkpoint_on_preemption:
+            return
+        why = self.session.preemption_notice()
+        if not _allreduce([1.0 if why else 0.0], self.device, "max")[0]:
+            return
+        st = self.state
+        if not saved:
+            self.save(self.checkpoint_name(), NO_SCORE, {"train_loss": self._loss_sum / max(1, self._loss_n),
+                                                         "preempted": True})
+        # Ray Train registers a report asynchronously: leaving before it did would restart the
+        # group from the previous checkpoint
+        self.session.wait_reports_committed()
+        log.warning("rank %d: preemption notice (%s): checkpointed at step %d, leaving", self.rank,
+                    why or "another rank's node", st.step)
+        self.progress.emit("message", text=f"preemption notice ({why or 'another rank'}): checkpoint "
+                           f"{self.checkpoint_name()} written at step {st.step}; Ray Train restarts from it")
+        raise Preempted(f"rank {self.rank}: node preempted ({why or 'another rank'}); checkpoint "
+                        f"{self.checkpoint_name()} written at step {st.step}")
 
     def _restore_epoch_loss(self) -> None:
         """This rank's train-loss sums of the epoch so far: zero at an epoch's start, else those a
@@ -390,6 +446,7 @@ class Trainer:
         """``grad_accum`` micro-batches and one optimiser step; returns the last micro-batch's loss."""
         st, tcfg = self.state, self.tcfg
         wait, samples = 0.0, 0
+        losses: list[torch.Tensor] = []  # the micro-batches' losses, left on the device until the step ends
         while True:
             t0 = time.perf_counter()
             batch = next(it)
@@ -409,17 +466,24 @@ class Trainer:
             own_norm = self._grad_norm() if boundary and self._own_grad_norm else None
             self.engine.step()
             st.batches_done += 1
-            loss_value = float(loss.detach())  # one host sync per micro-batch
-            self._loss_sum += loss_value
-            self._loss_n += 1
+            losses.append(loss.detach())  # no host sync per micro-batch
             for k, v in parts.items():
                 self._parts_sum[k] = self._parts_sum.get(k, 0.0) + v
             if boundary:
                 break
+        # One device->host copy per optimiser step (its loss is reported below). The values are the
+        # float32 losses widened to Python floats and added one by one in micro-batch order, as
+        # before: the epoch's train_loss and a checkpoint's partial sums are unchanged bit for bit.
+        values = torch.cat([v.reshape(1) for v in losses]).tolist() if len(losses) > 1 else [float(losses[0])]
+        for v in values:
+            self._loss_sum += v
+        self._loss_n += len(values)
+        loss_value = values[-1]
         st.step += 1
         now = time.perf_counter()
         step_s, self._t_last = now - self._t_last, now
         self.step_times.append(step_s)
+        self.wait_times.append(wait)
         if self.first_step_unix is None:
             self.first_step_unix = time.time()
         gnorm = self.engine.get_global_grad_norm()
@@ -530,7 +594,13 @@ class Trainer:
             "timing": {"deepspeed_init_s": self.init_seconds, "worker_start_unix": self.worker_start,
                        "first_step_unix": self.first_step_unix,
                        "median_step_s": float(np.median(self.step_times)) if self.step_times else None,
-                       "steps_timed": len(self.step_times)},
+                       "steps_timed": len(self.step_times),
+                       # rank 0's share of step time spent waiting for data, first step excluded
+                       # (it includes the ingest's start-up)
+                       "data_wait_ratio": (sum(self.wait_times[1:]) / sum(self.step_times[1:])
+                                           if len(self.step_times) > 1 and sum(self.step_times[1:]) > 0 else None),
+                       "median_compute_s": (float(np.median([a - b for a, b in zip(self.step_times, self.wait_times)]))
+                                            if self.step_times else None)},
         }
         test_items = None
         if (tcfg.evaluation.test or self.eval_only) and not self.stopped_at_max_steps:
