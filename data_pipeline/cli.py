@@ -108,7 +108,116 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--key", default=None, help="sample key (default: the first sample)")
     i.add_argument("--split", default=None)
     i.add_argument("--png", default=None, help="write the rendering to this PNG file")
+
+    add_plan_parser(sub)
     return p
+
+
+def add_plan_parser(sub) -> None:
+    """``plan``: the capacity planner (``data_pipeline.capacity``)."""
+    c = sub.add_parser("plan", help="capacity plan for a GPU cluster: FLOPs, samples/s, decode "
+                       "cores, ingest nodes, storage bandwidth, shards, memory, checkpoints",
+                       description="For a cluster of --gpus GPUs training --task at --mfu: model "
+                       "FLOPs per sample (the MFU gauge's counter, on the preset's model, cached "
+                       "in the calibration file), samples/s, decode CPU cores (from plan "
+                       "--calibrate's measured per-core decode rate, else a labelled default), "
+                       "ingest nodes, object-storage read bandwidth (from --shards' manifest, "
+                       "else an estimate), shard count and size, object-store memory per node, "
+                       "checkpoint size and time per save. --explain prints every formula with "
+                       "its inputs. See data_pipeline/capacity.py.")
+    c.add_argument("--task", required=True, help="task or variant (ave, avvp, avs-s4, avs-ms3, "
+                   "avqa, cmg-pretrain, ...)")
+    c.add_argument("--preset", default="paper", help="model preset (default paper)")
+    c.add_argument("--gpus", type=int, default=None, help="GPUs (training workers); required "
+                   "unless only --calibrate")
+    c.add_argument("--gpu", default="h100", help="device name for the bf16 peak (default h100; "
+                   "a100, h200, l4, ...; AVMOE_PEAK_FLOPS overrides)")
+    c.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation to plan for "
+                   "(default 0.4)")
+    c.add_argument("--batch-size", type=int, default=None,
+                   help="per-GPU batch (default: the preset's training batch)")
+    c.add_argument("--gpus-per-node", type=int, default=8, help="default 8")
+    c.add_argument("--gpu-node-cpus", type=int, default=192,
+                   help="CPUs of a GPU node, for --decode-on trainer (default 192, p5.48xlarge)")
+    c.add_argument("--cpus-per-worker", type=float, default=1.0,
+                   help="CPUs a training worker holds (default 1)")
+    c.add_argument("--ingest-node-cpus", type=int, default=64,
+                   help="CPUs of a CPU-only ingest node (default 64: cluster/aws.yaml's "
+                        "c7i.16xlarge); 0 = no ingest nodes, decode tasks share the GPU nodes")
+    c.add_argument("--decode-on", choices=["ingest", "trainer"], default="ingest",
+                   help="ingest (default): the decode tasks decode everything; trainer: they "
+                        "leave the JPEG frames to the training workers (the ingest's "
+                        "decode_on='trainer'), whose CPUs on the GPU nodes pay for them")
+    c.add_argument("--decode-cpus-per-task", type=float, default=1.0,
+                   help="CPUs of one decode task (default 1)")
+    c.add_argument("--prefetch", type=int, default=2, help="decoded batches prefetched per "
+                   "worker (default 2, IngestConfig.prefetch_batches)")
+    c.add_argument("--shards", default=None, help="packed shards URL: bytes per sample and the "
+                   "dataset size from {split}.manifest.json (else estimates)")
+    c.add_argument("--split", default="train", help="split of --shards (default train)")
+    c.add_argument("--dataset-samples", type=int, default=None,
+                   help="dataset size (default: the manifest's, else the official train split)")
+    c.add_argument("--shards-per-reader", type=int, default=4,
+                   help="shards per decode task to aim for (default 4)")
+    c.add_argument("--zero-stage", type=int, default=0, help="DeepSpeed ZeRO stage (default 0)")
+    c.add_argument("--ckpt-bandwidth", type=parse_size, default="1GB",
+                   help="storage write bandwidth per rank, bytes/s (default 1GB = 10^9 B/s)")
+    c.add_argument("--decode-cpus", type=float, default=None,
+                   help="also predict the data-wait fraction with this many decode CPUs")
+    c.add_argument("--calibration", default=None, help="calibration file (default "
+                   "~/.cache/avmoe/plan-calibration.json)")
+    c.add_argument("--calibrate", action="store_true",
+                   help="measure this machine's decode rate per core (the ingest's decode "
+                        "function on --shards, else on generated synthetic shards) and store it")
+    c.add_argument("--calibrate-seconds", type=float, default=2.0,
+                   help="CPU seconds of decoding to measure (default 2)")
+    c.add_argument("--calibrate-samples", type=int, default=32,
+                   help="samples decoded per pass (default 32)")
+    c.add_argument("--explain", action="store_true", help="print each figure's formula and inputs")
+    c.add_argument("--json", action="store_true", help="print the plan as JSON")
+
+
+def run_plan(args) -> int:
+    import json
+
+    from data_pipeline import capacity
+
+    cal_path = args.calibration or capacity.default_calibration_path()
+    out: dict = {}
+    if args.calibrate:
+        dataset = capacity.dataset_of_task(args.task)
+        key, entry = capacity.calibrate(dataset, cal_path, shards=args.shards, split=args.split,
+                                        seconds=args.calibrate_seconds,
+                                        max_samples=args.calibrate_samples)
+        out["calibrated"] = {"key": key, **entry}
+        if not args.json:
+            rest = entry.get("samples_per_core_s_no_frames")
+            print(f"calibrated {key}: {entry['samples_per_core_s']:.1f} samples/s per core "
+                  + (f"({rest:.1f} leaving the JPEG frames to the trainer) " if rest else "")
+                  + f"[{entry['samples']} samples in {entry['cpu_seconds']} CPU-s; "
+                  f"{entry['source']}] -> {cal_path}")
+        if args.gpus is None:
+            if args.json:
+                print(json.dumps(out, indent=1))
+            return 0
+    if args.gpus is None:
+        raise capacity.PlanError("--gpus is required (or --calibrate alone)")
+    inputs = capacity.PlanInputs(
+        task=args.task, gpus=args.gpus, preset=args.preset, gpu=args.gpu, mfu=args.mfu,
+        batch_size=args.batch_size, gpus_per_node=args.gpus_per_node,
+        gpu_node_cpus=args.gpu_node_cpus, cpus_per_worker=args.cpus_per_worker,
+        ingest_node_cpus=args.ingest_node_cpus, decode_on=args.decode_on,
+        decode_cpus_per_task=args.decode_cpus_per_task, prefetch=args.prefetch,
+        shards=args.shards, split=args.split, dataset_samples=args.dataset_samples,
+        shards_per_reader=args.shards_per_reader, zero_stage=args.zero_stage,
+        ckpt_bandwidth=float(args.ckpt_bandwidth), decode_cpus=args.decode_cpus,
+        calibration=cal_path)
+    result = capacity.plan(inputs)
+    if args.json:
+        print(json.dumps({**out, **result.to_dict()}, indent=1, default=str))
+    else:
+        print(result.render(explain=args.explain))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -167,4 +276,6 @@ def run(args) -> int:
             render_png(args.url, args.png, key=args.key, split=args.split)
             print(f"wrote {args.png}")
         return 0
+    if args.verb == "plan":
+        return run_plan(args)
     raise AssertionError(args.verb)

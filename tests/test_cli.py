@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-VERBS = ("synth", "pack", "verify", "inspect")
+VERBS = ("synth", "pack", "verify", "inspect", "plan")
 
 
 @pytest.mark.parametrize("verb", VERBS)
