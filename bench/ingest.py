@@ -17,7 +17,20 @@ In one run, samples/s per CPU core (median of ``--repeats``) for
 and the peak RSS of a fresh consuming process (Ray driver + ``ShardStream``) streaming one
 epoch of the 1x and of the 10x dataset.
 
+Decode placement (``--decode-on ingest,trainer``, the default; ``IngestConfig.decode_on``: JPEG
+frames decoded in the Ray Data tasks, or shipped as bytes and decoded by a thread pool in the
+consumer): per placement, and for ``--before DIR`` (an earlier checkout's ``data_pipeline``),
+``--repeats`` fresh consuming processes, interleaved, each streaming the 10x dataset 3 times:
+time to the first batch of epoch 0 (``epoch()`` called right after the ``ShardStream`` is made;
+Ray up and idle for 5 s, torch imported), the same 3 s after the stream is made (what a trainer
+spends building its model and DeepSpeed engine in between; a fresh process on the 1x set), and
+of epoch 1; samples/s, samples per CPU-second of the whole
+process tree (Ray's daemons and workers are the consumer's children) and of the consumer alone,
+over epochs 1-2; the consumer's peak RSS; and the bytes per sample each placement moves through
+the object store. ``--no-baselines`` runs only this part.
+
     scripts/loopback .venv/bin/python bench/ingest.py [--n 128] [--scale 10] [--repeats 3]
+        [--decode-on ingest,trainer] [--before DIR] [--no-baselines] [--keep DIR]
 """
 
 from __future__ import annotations
@@ -38,7 +51,8 @@ import time
 import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+# --before DIR: a fresh consuming process runs DIR's data_pipeline (an earlier checkout)
+sys.path.insert(0, os.environ.get("BENCH_INGEST_CODE") or REPO)
 
 
 # ------------------------------------------------------------------------------ data
@@ -205,29 +219,68 @@ def bench_decoders(samples, repeats: int, seconds: float = 1.5) -> dict[str, lis
 def ingest_cfg(url: str, **kw):
     from data_pipeline.ingest import IngestConfig
 
+    if kw.get("decode_on") is None:
+        kw.pop("decode_on", None)
     kw.setdefault("batch_size", 8)
     kw.setdefault("shuffle_buffer", 64)
     kw.setdefault("prefetch_batches", 4)
     return IngestConfig(url=url, **kw)
 
 
-def bench_ingest(url: str, cores: int, repeats: int) -> list[float]:
+def own_cpu_seconds() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+def bench_ingest(url: str, cores: int, repeats: int, modes=(None,)) -> dict:
+    """Per decode placement: (samples/s/core, samples per CPU-second of the process tree,
+    samples per CPU-second of the consuming process alone); repeats interleaved across the
+    placements so that the machine's drift hits them alike."""
     from data_pipeline.ingest import ShardStream
 
-    s = ShardStream(ingest_cfg(url))
-    rates, per_cpu = [], []
+    streams = {m: ShardStream(ingest_cfg(url, decode_on=m)) for m in modes}
+    out = {m: ([], [], []) for m in modes}
     for e in range(repeats + 1):
-        t0, c0 = time.perf_counter(), cpu_seconds()
-        n = 0
-        for b in s.epoch(e):
-            n += b.batch_size
-        if e:  # epoch 0 warms workers and the page cache
-            rates.append(n / (time.perf_counter() - t0) / cores)
-            per_cpu.append(n / (cpu_seconds() - c0))
-    return rates, per_cpu
+        for m, s in streams.items():
+            t0, c0, o0 = time.perf_counter(), cpu_seconds(), own_cpu_seconds()
+            n = 0
+            for b in s.epoch(e):
+                n += b.batch_size
+            if e:  # epoch 0 warms workers and the page cache
+                out[m][0].append(n / (time.perf_counter() - t0) / cores)
+                out[m][1].append(n / (cpu_seconds() - c0))
+                out[m][2].append(n / (own_cpu_seconds() - o0))
+    return out
 
 
-def rss_child(url: str, cores: int, epochs: int = 1) -> None:
+def byte_ratio(url: str) -> dict:
+    """Bytes per sample through the object store: decoded (decode_on="ingest") and as JPEG
+    (decode_on="trainer"), from the shards' own members and the decode task's columns."""
+    from data_pipeline.datasets import get_dataset
+    from data_pipeline.manifest import load_manifest
+    from data_pipeline.sample import FRAMES, SampleSpec, empty_columns
+    from data_pipeline.tario import iter_tar_samples
+
+    m = load_manifest(url, "train")
+    ds = get_dataset(m["dataset"])
+    spec = SampleSpec.from_manifest(m, ds)
+    jpeg, n = 0, 0
+    for e in m["shards"]:
+        with open(os.path.join(url, e["name"]), "rb") as f:
+            for _, mem in iter_tar_samples(f, e["name"]):
+                jpeg += sum(len(v) for k, v in mem.items() if k.endswith(".jpg"))
+                n += 1
+    jpeg /= n
+    dec = empty_columns(spec, 1, ds)
+    raw = empty_columns(spec, 1, ds, frames=False)
+    frames = dec[FRAMES].nbytes
+    return {"jpeg_frames": jpeg, "decoded_frames": frames,
+            "ingest_sample": sum(v.nbytes for v in dec.values()),
+            "trainer_sample": sum(v.nbytes for v in raw.values()) + jpeg}
+
+
+def rss_child(url: str, cores: int, epochs: int = 1, decode_on: str | None = None,
+              gap: float = 0.0) -> None:
     """Runs in a fresh process: ``epochs`` epochs, sampling this process's memory every 20 ms; prints
     the peaks in MiB of RSS and of RSS minus shared pages. RSS also counts the pages of Ray's
     shared-memory object store that the consumer has mapped (zero-copy reads of blocks); the
@@ -241,6 +294,9 @@ def rss_child(url: str, cores: int, epochs: int = 1) -> None:
     from avmoe.ray_env import init_local_ray
 
     init_local_ray(num_cpus=cores, object_store_memory=1 << 30)
+    # Ray up and idle (its prestarted workers booted), as under a trainer, whose own workers
+    # take longer than that to start
+    time.sleep(5)
     from data_pipeline.ingest import ShardStream
 
     me, peak, stop = psutil.Process(), {"rss": 0, "uss": 0}, threading.Event()
@@ -252,20 +308,40 @@ def rss_child(url: str, cores: int, epochs: int = 1) -> None:
             peak["uss"] = max(peak["uss"], m.rss - m.shared)
             time.sleep(0.02)
 
+    import torch  # noqa: F401  (a trainer has it imported before its first batch)
+
     t = threading.Thread(target=poll, daemon=True)
     t.start()
-    s = ShardStream(ingest_cfg(url))
-    n = sum(b.batch_size for e in range(epochs) for b in s.epoch(e))
+    s = ShardStream(ingest_cfg(url, decode_on=decode_on))
+    time.sleep(gap)  # what a trainer does between making its stream and its first epoch
+    n, first, epoch_stats = 0, [], []
+    for e in range(epochs):
+        t0, c0, o0, n0 = time.perf_counter(), cpu_seconds(), own_cpu_seconds(), n
+        for i, b in enumerate(s.epoch(e)):
+            if i == 0:  # epoch 0: right after the stream is made (a cold start)
+                first.append(time.perf_counter() - t0)
+            n += b.batch_size
+        # samples, wall s, CPU s of the process tree (Ray's daemons and workers included), of
+        # this consuming process alone
+        epoch_stats.append((n - n0, time.perf_counter() - t0, cpu_seconds() - c0,
+                            own_cpu_seconds() - o0))
     stop.set()
     t.join()
     print(json.dumps({"samples": n, "peak_rss_mib": peak["rss"] / 2**20,
-                      "peak_private_mib": peak["uss"] / 2**20}))
+                      "peak_private_mib": peak["uss"] / 2**20, "first_batch_s": first,
+                      "epochs": epoch_stats}))
 
 
-def peak_rss(url: str, cores: int, epochs: int = 1) -> dict:
+def peak_rss(url: str, cores: int, epochs: int = 1, decode_on: str | None = None,
+             code: str | None = None, gap: float = 0.0) -> dict:
+    env = dict(os.environ)
+    if code:  # an earlier checkout's data_pipeline, in this process and its Ray workers
+        env["BENCH_INGEST_CODE"] = env["PYTHONPATH"] = os.path.abspath(code)
     proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--rss-child", url,
-                           "--cores", str(cores), "--rss-epochs", str(epochs)],
-                          capture_output=True, text=True, cwd=REPO)
+                           "--cores", str(cores), "--rss-epochs", str(epochs),
+                           "--child-gap", str(gap)]
+                          + (["--child-decode-on", decode_on] if decode_on else []),
+                          capture_output=True, text=True, cwd=REPO, env=env)
     if proc.returncode:
         raise RuntimeError(proc.stderr[-3000:])
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -279,11 +355,22 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--cores", type=int, default=os.cpu_count())
     p.add_argument("--keep", help="reuse/keep data in this directory")
+    p.add_argument("--decode-on", default="ingest,trainer",
+                   help="decode placements to measure, comma-separated (ingest, trainer, gpu, auto)")
+    p.add_argument("--before", metavar="DIR",
+                   help="also measure an earlier checkout's ingest (its data_pipeline) in the "
+                        "fresh-process runs, e.g. from git worktree add DIR <commit>")
+    p.add_argument("--no-baselines", action="store_true",
+                   help="skip the upstream loader, the bare decode loop and the 1x/10x memory runs")
     p.add_argument("--rss-child", help=argparse.SUPPRESS)
     p.add_argument("--rss-epochs", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--child-decode-on", help=argparse.SUPPRESS)
+    p.add_argument("--child-gap", type=float, default=0.0, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.rss_child:
-        return rss_child(args.rss_child, args.cores, args.rss_epochs)
+        return rss_child(args.rss_child, args.cores, args.rss_epochs, args.child_decode_on,
+                         args.child_gap)
+    modes = [m.strip() for m in args.decode_on.split(",") if m.strip()]
 
     root = args.keep or tempfile.mkdtemp(prefix="bench-ingest-")
     try:
@@ -302,22 +389,71 @@ def main() -> None:
         med = statistics.median
 
         def show(label, res):
-            wall, cpu = res
+            wall, cpu = res[:2]
             print(f"{label}: {med(wall):.1f} samples/s/core wall ({' '.join(f'{r:.1f}' for r in wall)}); "
                   f"{med(cpu):.1f} samples/CPU-s ({' '.join(f'{r:.1f}' for r in cpu)}); "
                   f"load {os.getloadavg()[0]:.1f}", flush=True)
 
-        up = bench_upstream(raw, args.cores, args.repeats)
-        show("(1) upstream-style DataLoader", up)
-        dec = bench_decoders(shard_members(one, 64), args.repeats)
-        for name, r in dec.items():
-            show(f"(2) bare decode, {name:>14}", r)
-        best = max(dec, key=lambda k: med(dec[k][1]))
+        if not args.no_baselines:
+            up = bench_upstream(raw, args.cores, args.repeats)
+            show("(1) upstream-style DataLoader", up)
+            dec = bench_decoders(shard_members(one, 64), args.repeats)
+            for name, r in dec.items():
+                show(f"(2) bare decode, {name:>14}", r)
+            best = max(dec, key=lambda k: med(dec[k][1]))
 
+        # per placement (and --before), in fresh consuming processes, interleaved: 3 epochs of
+        # the 10x set; first batch of epochs 0 (cold) and 1; rate and CPU over epochs 1-2
+        variants = ([("before", None, args.before)] if args.before else []) + \
+            [(m, m, None) for m in modes]
+        fresh = {v[0]: [] for v in variants}
+        gapped = {v[0]: [] for v in variants}  # epoch 0 of the 1x set, 3 s after the stream is made
+        for _ in range(args.repeats):
+            for label, m, code in variants:
+                fresh[label].append(peak_rss(ten, args.cores, epochs=3, decode_on=m, code=code))
+                gapped[label].append(peak_rss(one, args.cores, epochs=1, decode_on=m, code=code,
+                                              gap=3.0)["first_batch_s"][0])
+                r = fresh[label][-1]
+                print(f"  {label}: first batch {r['first_batch_s'][0]:.2f} / "
+                      f"{gapped[label][-1]:.2f} (3 s gap) / {r['first_batch_s'][1]:.2f} s, epochs "
+                      f"{r['epochs']}, load {os.getloadavg()[0]:.1f}", flush=True)
+        ratio = byte_ratio(one)
+        print()
+        print(f"bytes per sample through the object store: JPEG frames {ratio['jpeg_frames'] / 1e3:.0f} kB, "
+              f"decoded frames {ratio['decoded_frames'] / 1e3:.0f} kB "
+              f"({ratio['decoded_frames'] / ratio['jpeg_frames']:.1f}x); whole sample: "
+              f"decode_on=ingest {ratio['ingest_sample'] / 1e3:.0f} kB, decode_on=trainer "
+              f"{ratio['trainer_sample'] / 1e3:.0f} kB "
+              f"({ratio['ingest_sample'] / ratio['trainer_sample']:.2f}x)")
+        print()
+        print("| decode_on | samples/s (wall) | samples per CPU-second (all processes) | "
+              "samples per CPU-second of the consumer | first batch, epoch 0 (s) | same, 3 s after "
+              "the stream is made (s) | first batch, epoch 1 (s) | consumer peak RSS / "
+              "RSS-minus-shared (MiB) |")
+        print("|---|---|---|---|---|---|---|---|")
+
+        def runs(v, fmt="{:.2f}"):
+            return " (" + " ".join(fmt.format(x) for x in v) + ")"
+
+        for label, _, _ in variants:
+            rs = fresh[label]
+            w = [sum(e[0] for e in r["epochs"][1:]) / sum(e[1] for e in r["epochs"][1:]) for r in rs]
+            c = [sum(e[0] for e in r["epochs"][1:]) / sum(e[2] for e in r["epochs"][1:]) for r in rs]
+            o = [sum(e[0] for e in r["epochs"][1:]) / sum(e[3] for e in r["epochs"][1:]) for r in rs]
+            f0 = [r["first_batch_s"][0] for r in rs]
+            fg = gapped[label]
+            f1 = [r["first_batch_s"][1] for r in rs]
+            rss = [r["peak_rss_mib"] for r in rs]
+            uss = [r["peak_private_mib"] for r in rs]
+            print(f"| {label} | {med(w):.1f}{runs(w, '{:.0f}')} | {med(c):.1f}{runs(c, '{:.0f}')} | "
+                  f"{med(o):.1f}{runs(o, '{:.0f}')} | {med(f0):.2f}{runs(f0)} | "
+                  f"{med(fg):.2f}{runs(fg)} | {med(f1):.2f}{runs(f1)} | {med(rss):.0f} / {med(uss):.0f}{runs(rss, '{:.0f}')} |")
+        if args.no_baselines:
+            return
         from avmoe.ray_env import init_local_ray
 
         init_local_ray(num_cpus=args.cores)
-        ours = bench_ingest(ten, args.cores, args.repeats)
+        ours = bench_ingest(ten, args.cores, args.repeats, [None])[None]
         show("(3) ShardStream -> AVBatch", ours)
         import ray
 

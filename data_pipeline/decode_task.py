@@ -3,6 +3,11 @@ sample spans with ranged reads, check each against its manifest sha256, parse it
 and decode them into fixed-shape numpy columns (``data_pipeline.sample``), one block per plan
 batch. A bad sample never raises here: its row is zero-filled and marked (``ok=False``, the
 error naming shard, key and member) for the consumer to raise or skip.
+
+With ``decode_frames=False`` (``IngestConfig.decode_on`` "trainer" / "gpu") the task does all
+of that except decoding the JPEG frames: it ships each sample's frame members as bytes and the
+consumer decodes them (``data_pipeline.frame_decode``) with the same checks (``decode_frame``)
+and the same error messages (``row_error``).
 """
 
 from __future__ import annotations
@@ -18,11 +23,32 @@ from data_pipeline import storage
 from data_pipeline.datasets.base import Dataset
 from data_pipeline.decode import decode_flac
 from data_pipeline.errors import MemberError
-from data_pipeline.sample import (AUDIO, ERR_MEMBER, ERR_SHARD, ERROR, FRAMES, KEY, OK,
-                                  TARGET_PREFIX, LabelError, SampleSpec, empty_columns,
-                                  npy_member)
+from data_pipeline.sample import (AUDIO, ERR_MEMBER, ERR_SHARD, ERROR, FRAMES, FRAMES_PENDING,
+                                  JPEG, JPEG_OFFSETS, KEY, OK, TARGET_PREFIX, LabelError,
+                                  SampleSpec, empty_columns, npy_member)
 from data_pipeline.schema import AUDIO_FLAC_MEMBER, AUDIO_NPY_MEMBER, LABELS_MEMBER, frame_member
 from data_pipeline.tario import parse_members
+
+
+def decode_frame(data, name: str, out: np.ndarray, size: int) -> None:
+    """One JPEG frame member into ``out`` ((size, size, 3) uint8), or a ``MemberError`` naming
+    it: the frame must be ``size`` x ``size`` (checked from the header, before decoding) and
+    decode without libjpeg warnings (strict: corrupt data is an error, not grey)."""
+    try:
+        h, w, _, _ = simplejpeg.decode_jpeg_header(data)
+        if (h, w) != (size, size):
+            raise MemberError(name, f"frame is {w}x{h}, manifest frame_size {size}")
+        simplejpeg.decode_jpeg(data, colorspace="RGB", buffer=out, strict=True)
+    except MemberError:
+        raise
+    except Exception as e:
+        raise MemberError(name, f"does not decode as JPEG ({type(e).__name__}: {e})") from None
+
+
+def row_error(shard: str, key: str, e: MemberError) -> str:
+    """The message of a bad row (what ``IngestError`` says): shard, key, member, problem."""
+    return f"{shard}: sample {key!r}" + (f" member {e.member!r}" if e.member else "") + \
+        f": {e.problem}"
 
 
 def check_span(data, sha: str) -> None:
@@ -40,13 +66,23 @@ class SampleDecoder:
         self.fill_targets = dataset.target_encoder(spec)
 
     def decode_into(self, buf: memoryview, key: str, cols: dict, i: int) -> None:
+        """One verified sample into row ``i`` of ``cols``. Columns without ``FRAMES`` (see
+        ``empty_columns(frames=False)``) get the frame members' bytes instead, and the row is
+        marked ``FRAMES_PENDING`` once the frame stage is reached (before audio, extras and
+        labels, the order in which a decoding task meets errors)."""
         s = self.spec
         members = parse_members(buf, key)  # a TarReadError is a MemberError
         labels = self.check_members(members)
         size = s.frame_size
-        for t in range(s.segments):
-            name = frame_member(t)
-            self._jpeg(members[name], name, cols[FRAMES][i, t], size)
+        if FRAMES in cols:
+            for t in range(s.segments):
+                name = frame_member(t)
+                decode_frame(members[name], name, cols[FRAMES][i, t], size)
+        else:
+            parts = [members[frame_member(t)] for t in range(s.segments)]
+            cols[JPEG][i] = b"".join(parts)
+            np.cumsum([len(p) for p in parts], out=cols[JPEG_OFFSETS][i, 1:])
+            cols[FRAMES_PENDING][i] = True
         if s.audio_format == "flac":
             wave = self._flac(members[AUDIO_FLAC_MEMBER], s.audio_len)
             aname = AUDIO_FLAC_MEMBER
@@ -91,18 +127,6 @@ class SampleDecoder:
         if extra:
             raise MemberError(extra[0], f"unexpected member(s) {extra}")
         return labels
-
-    def _jpeg(self, data: memoryview, name: str, out: np.ndarray, size: int) -> None:
-        try:
-            h, w, _, _ = simplejpeg.decode_jpeg_header(data)
-            if (h, w) != (size, size):
-                raise MemberError(name, f"frame is {w}x{h}, manifest frame_size {size}")
-            # strict: libjpeg's recoverable warnings (corrupt data) are errors, not grey
-            simplejpeg.decode_jpeg(data, colorspace="RGB", buffer=out, strict=True)
-        except MemberError:
-            raise
-        except Exception as e:
-            raise MemberError(name, f"does not decode as JPEG ({type(e).__name__}: {e})") from None
 
     @staticmethod
     def _flac(data: memoryview, samples: int) -> np.ndarray:
@@ -157,6 +181,14 @@ def _fetch(fs, base: str, items: list[list], max_gap: int) -> dict[int, memoryvi
                 problem = "shard listed in the manifest is missing"
             elif isinstance(data, (IsADirectoryError, NotADirectoryError, PermissionError)):
                 problem = f"shard cannot be read ({type(data).__name__}: {data})"
+            elif (size := _size_or_none(fs, path)) is not None and size <= s0:
+                # a request that starts past the end of a truncated object: object stores
+                # answer 416 (InvalidRange), not a short read
+                for it in its:
+                    out[it[0]] = MemberError(None, f"shard truncated: sample span [{it[3]}, "
+                                             f"{it[3] + it[4]}) ends after the file "
+                                             f"({size} bytes)")
+                continue
             else:
                 raise data  # transient I/O: Ray retries the task
             for it in its:
@@ -175,13 +207,21 @@ def _fetch(fs, base: str, items: list[list], max_gap: int) -> dict[int, memoryvi
     return out
 
 
+def _size_or_none(fs, path: str) -> int | None:
+    try:
+        return int(fs.size(path))
+    except Exception:
+        return None
+
+
 def decode_task(batch: dict, base: str, spec: dict, storage_options: dict, max_gap: int,
-                dataset: Dataset) -> Iterator[dict]:
+                dataset: Dataset, decode_frames: bool = True) -> Iterator[dict]:
     """Ray Data UDF: one row per task, ``batch["spec"]`` = JSON ``{"batches": [[item, ...],
     ...]}``; ``spec`` the split's ``SampleSpec.to_dict()``; ``dataset`` the ``Dataset``
     object itself (resolved on the driver: a plug-in dataset need not be registered in the
     worker). Yields one block per plan batch (rows in plan order, bad rows zero-filled,
-    ok=False)."""
+    ok=False). ``decode_frames=False``: JPEG frames shipped as bytes (see the module
+    docstring)."""
     sspec = SampleSpec(**spec)
     decoder = SampleDecoder(sspec, dataset)
     fs, path = storage.filesystem(base, **storage_options)
@@ -192,7 +232,9 @@ def decode_task(batch: dict, base: str, spec: dict, storage_options: dict, max_g
         row = 0
         for b in task["batches"]:
             n = len(b)
-            cols = empty_columns(sspec, n, dataset)
+            cols = empty_columns(sspec, n, dataset, frames=decode_frames)
+            if not decode_frames:
+                cols[JPEG] = np.full(n, b"", dtype=object)
             keys = np.empty(n, dtype=object)
             err = np.full(n, "", dtype=object)
             err_shard = np.full(n, "", dtype=object)
@@ -208,9 +250,8 @@ def decode_task(batch: dict, base: str, spec: dict, storage_options: dict, max_g
                     decoder.decode_into(data, key, cols, i)
                     cols[OK][i] = True
                 except MemberError as e:
-                    _zero_row(cols, i)
-                    err[i] = f"{shard}: sample {key!r}" + (f" member {e.member!r}" if e.member
-                                                           else "") + f": {e.problem}"
+                    _zero_row(cols, i)  # (a FRAMES_PENDING row keeps its flag and bytes)
+                    err[i] = row_error(shard, key, e)
                     err_shard[i], err_member[i] = shard, e.member or ""
             row += n
             cols.update({KEY: keys, ERROR: err, ERR_SHARD: err_shard, ERR_MEMBER: err_member})
@@ -218,7 +259,24 @@ def decode_task(batch: dict, base: str, spec: dict, storage_options: dict, max_g
         del raw
 
 
+def warm_up(base: str, storage_options: dict) -> None:
+    """A Ray task run when a ``ShardStream`` is made: imports what a decode task needs (Ray
+    Data's map-task machinery, this module, the filesystem) in a worker process, which the
+    epoch's first decode tasks then reuse. Never raises."""
+    try:
+        import ray.data  # noqa: F401
+
+        storage.filesystem(base, **storage_options)
+    except Exception:  # pragma: no cover - best effort
+        pass
+
+
 def _zero_row(cols: dict, i: int) -> None:
+    """Zero-fill a bad row; a row that reached the frame stage keeps its JPEG bytes and
+    offsets: the consumer decodes them first, as a decoding task would have, so that a bad
+    frame is reported before a later member's error."""
     for k, v in cols.items():
+        if k in (JPEG_OFFSETS, FRAMES_PENDING):
+            continue
         if isinstance(v, np.ndarray) and v.dtype != object:
             v[i] = 0

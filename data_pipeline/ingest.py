@@ -27,6 +27,29 @@ Data path for ad-hoc jobs)
     reads cannot check a sample against its manifest sha256 before decoding it. Planned ranged
     reads give all three, and skip the consumed prefix of an epoch without reading it.
 
+Where JPEG frames are decoded (``IngestConfig.decode_on``; measured in bench/README.md,
+"Decode placement")
+    "ingest": in the decode tasks (step 3 above); the decoded uint8 frames (~10x the JPEG
+        bytes) cross the object store and, when the tasks run on other nodes, the network.
+    "trainer": the tasks do steps 1-2, audio, extras and labels, and ship each sample's JPEG
+        frame members as bytes; the consuming worker decodes them with a thread pool
+        (``data_pipeline.frame_decode``: simplejpeg releases the GIL; ``decode_threads``,
+        default the worker's CPUs), one batch ahead of the trainer. The batches are
+        bit-identical to "ingest", bad frames give the same errors.
+    "gpu": as "trainer", decoded by nvJPEG on the worker's CUDA device in one batched
+        ``torchvision.io.decode_jpeg`` call per batch (frames arrive on the GPU).
+    "auto" (default): "ingest" when ``decode_resources`` names a custom resource (the decode
+        tasks are placed on dedicated ingest nodes, e.g. ``{"ingest": 1}``: the deployment
+        moved decode CPU off the training nodes) or when the consumer sees a CUDA device (GPU
+        training: no measured choice yet; "gpu" is the candidate), else ``AUTO_DECODE_ON``
+        (CPU training: the measured choice).
+    ``ray_dataset()`` (batch inference's ``map_batches``) always decodes in the tasks.
+
+First batch. The first tasks of an epoch cover 1, 2, 4, ... plan batches (up to a window
+share): a task reads its whole share before it decodes, so a first task of a full share would
+delay the first batch by reading (and queueing behind) a whole window. The grouping of batches
+into tasks changes nothing in the plan, the order or the resume.
+
 The split's ``Dataset`` (``data_pipeline.datasets``) is resolved here, on the driver, from the
 manifest's ``dataset`` and handed to the decode tasks as an object, so a plug-in dataset
 registered only in the driver streams too.
@@ -44,13 +67,15 @@ sample is never replaced by another one and never delivered.
 Memory. Nothing materialises the split: tasks are created per epoch from the plan, at most
 ``read_concurrency`` (default: as many as the Ray Data executor schedules) run at once, each
 holds one window share raw plus one decoded batch, Ray Data's object-store budget
-(``object_store_budget``) applies backpressure, and the consumer holds ``prefetch_batches``.
+(``object_store_budget``) applies backpressure, and the consumer holds ``prefetch_batches``
+(with ``decode_on`` "trainer" / "gpu": as JPEG bytes, plus one batch decoding ahead).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -58,7 +83,7 @@ import numpy as np
 
 from data_pipeline import storage
 from data_pipeline.datasets import get_dataset
-from data_pipeline.decode_task import decode_task
+from data_pipeline.decode_task import decode_task, warm_up
 from data_pipeline.errors import IngestError, ManifestError, UnknownDatasetError
 from data_pipeline.manifest import load_manifest
 from data_pipeline.plan import SplitIndex, epoch_order, num_full_batches, rank_plan
@@ -70,6 +95,11 @@ __all__ = ["IngestConfig", "IngestError", "ShardStream"]
 log = logging.getLogger("data_pipeline.ingest")
 
 STATE_VERSION = 1
+DECODE_ON = ("auto", "ingest", "trainer", "gpu")
+# decode_on="auto" on one machine (no dedicated ingest nodes): the measured choice,
+# bench/README.md "Decode placement"
+AUTO_DECODE_ON = "trainer"
+WARM_WORKERS = 4  # at most this many decode workers warmed per stream (see ShardStream._warm_up)
 
 
 @dataclass
@@ -96,6 +126,11 @@ class IngestConfig:
     object_store_budget: bytes of Ray object store the epoch's execution may use (Ray Data
         backpressure); None = Ray Data's default share.
     storage_options: fsspec options that override the environment (endpoint, credentials).
+    decode_on: where JPEG frames are decoded: "ingest" (the decode tasks), "trainer" (this
+        process, a thread pool), "gpu" (this process's CUDA device, nvJPEG) or "auto"; see the
+        module docstring.
+    decode_threads: threads decoding frames in this process ("trainer"); None = the CPUs this
+        process holds (a Ray Train worker: its ``cpus_per_worker``).
     """
 
     url: str
@@ -111,6 +146,8 @@ class IngestConfig:
     drop_last: bool = True
     object_store_budget: int | None = None
     storage_options: dict = field(default_factory=dict)
+    decode_on: str = "auto"
+    decode_threads: int | None = None
 
     def validate(self) -> None:
         if self.on_error not in ("raise", "skip"):
@@ -121,6 +158,31 @@ class IngestConfig:
                                   f"{getattr(self, name)!r}")
         if self.read_concurrency is not None and self.read_concurrency < 1:
             raise IngestError(f"read_concurrency must be >= 1 or None, got {self.read_concurrency}")
+        if self.decode_on not in DECODE_ON:
+            raise IngestError(f"decode_on must be one of {', '.join(DECODE_ON)}; got "
+                              f"{self.decode_on!r}")
+        if self.decode_threads is not None and int(self.decode_threads) < 1:
+            raise IngestError(f"decode_threads must be >= 1 or None, got {self.decode_threads}")
+        if self.decode_on == "gpu":
+            import torch
+
+            if not torch.cuda.is_available():
+                raise IngestError("decode_on='gpu' needs a CUDA device (nvJPEG through "
+                                  "torchvision.io.decode_jpeg) and this process sees none: use "
+                                  "decode_on='trainer' or 'ingest'")
+
+    def resolved_decode_on(self) -> str:
+        """``decode_on`` with "auto" resolved in this (the consuming) process (see the module
+        docstring)."""
+        if self.decode_on != "auto":
+            return self.decode_on
+        if set(self.decode_resources or {}) - {"CPU", "GPU", "memory"}:
+            return "ingest"  # the decode tasks are placed on dedicated (ingest) nodes
+        import torch
+
+        if torch.cuda.is_available():
+            return "ingest"  # GPU training: not measured yet ("gpu" is the candidate)
+        return AUTO_DECODE_ON
 
 
 # ============================================================================== the stream
@@ -148,9 +210,13 @@ class ShardStream:
         self.skipped_total = 0
         self._origin: dict[int, tuple[int, int]] = {}  # epoch -> (start position, first index)
         self._orders: dict[int, np.ndarray] = {}
+        self.decode_on = cfg.resolved_decode_on()
+        self._frames = None  # FrameDecoder, made on first use ("trainer", "gpu")
         if cfg.drop_last and self.batches_per_epoch == 0:
             raise IngestError(f"{cfg.url} {cfg.split}: {self.num_samples} samples give no full "
                               f"batch of {cfg.batch_size} on each of {world_size} ranks")
+        self._warming: list = []
+        self._warm_up()
 
     # ---------------------------------------------------------------- plan
     @property
@@ -250,12 +316,15 @@ class ShardStream:
 
     # ---------------------------------------------------------------- ray
     def _tasks(self, plan) -> list[str]:
-        """Group plan batches into decode tasks of about one window share each."""
+        """Group plan batches into decode tasks of about one window share each; the first tasks
+        of the epoch cover 1, 2, 4, ... batches (see "First batch" in the module docstring)."""
         per_task = max(1, self.cfg.shuffle_buffer // (self.cfg.batch_size * self.world_size))
-        tasks, row = [], 0
-        for lo in range(0, len(plan.batches), per_task):
+        tasks, row, lo, size = [], 0, 0, 1
+        while lo < len(plan.batches):
+            n = min(size, per_task)
+            size *= 2
             group = []
-            for b in plan.batches[lo:lo + per_task]:
+            for b in plan.batches[lo:lo + n]:
                 items = []
                 for f in b:
                     shard, key, off, length, sha = self.index.item(int(f))
@@ -264,21 +333,17 @@ class ShardStream:
                 group.append(items)
             tasks.append(json.dumps({"batches": group}))
             row = 0
+            lo += n
         return tasks
 
     def ray_dataset(self, epoch: int, start_batch: int = 0, start_sample: int | None = None):
-        """The Ray Dataset of this rank's epoch (lazy; one block per plan batch; decoded columns).
-        (Not ``dataset``: that attribute is the ``Dataset`` of the split.)"""
+        """The Ray Dataset of this rank's epoch (lazy; one block per plan batch; decoded columns,
+        whatever ``decode_on`` says). (Not ``dataset``: that attribute is the ``Dataset`` of
+        the split.)"""
         return self._dataset(self._plan(epoch, start_batch, start_sample))
 
-    def _dataset(self, plan):
-        import ray
-        if not ray.is_initialized():
-            raise IngestError("ShardStream needs Ray: call avmoe.ray_env.init_local_ray() (or run "
-                              "inside a Ray Train worker)")
-        tasks = self._tasks(plan)
-        ds = ray.data.from_items([{"spec": t} for t in tasks],
-                                 override_num_blocks=max(1, len(tasks)))
+    def _remote_options(self) -> dict:
+        """Ray options of one decode task (resources, runtime_env)."""
         res = dict(self.cfg.decode_resources or {"CPU": 1})
         remote: dict = {"num_cpus": res.pop("CPU", 1)}
         if res.get("GPU"):
@@ -288,6 +353,36 @@ class ShardStream:
         env = storage.worker_env(self.cfg.url)
         if env:
             remote["runtime_env"] = env
+        return remote
+
+    def _warm_up(self) -> None:
+        """Start warming the worker processes that the first decode tasks will run in (their
+        imports of Ray Data and of the decode task, ~2-3 s of a fresh Ray's first batch), while
+        the caller goes on (the trainer builds its model). Only when Ray is up; nothing waits for
+        it, and it never raises: a warm-up that fails leaves a cold start."""
+        try:
+            import ray
+
+            if not ray.is_initialized():
+                return
+            remote = self._remote_options()
+            per = max(float(remote["num_cpus"]), 1e-3)
+            n = self.cfg.read_concurrency or int(ray.cluster_resources().get("CPU", 1) // per)
+            fn = ray.remote(warm_up).options(**remote, max_retries=0)
+            self._warming = [fn.remote(self.cfg.url, dict(self.cfg.storage_options))
+                             for _ in range(max(1, min(n, WARM_WORKERS)))]
+        except Exception as e:  # pragma: no cover - best effort
+            log.debug("ingest warm-up not started: %s", e)
+
+    def _dataset(self, plan, decode_frames: bool = True):
+        import ray
+        if not ray.is_initialized():
+            raise IngestError("ShardStream needs Ray: call avmoe.ray_env.init_local_ray() (or run "
+                              "inside a Ray Train worker)")
+        tasks = self._tasks(plan)
+        ds = ray.data.from_items([{"spec": t} for t in tasks],
+                                 override_num_blocks=max(1, len(tasks)))
+        remote = self._remote_options()
         local = storage.is_local(self.cfg.url)
         ds = ds.map_batches(
             decode_task, batch_size=1, batch_format="numpy", zero_copy_batch=True,
@@ -296,7 +391,7 @@ class ShardStream:
                        "storage_options": dict(self.cfg.storage_options),
                        # one request per run of nearby samples; on local disk only adjacent
                        "max_gap": 0 if local else 1 << 20,
-                       "dataset": self.dataset},
+                       "dataset": self.dataset, "decode_frames": decode_frames},
             **remote)
         # The dataset's own context (a copy taken at creation): the process-wide one, which
         # the trainer's other datasets use, is left alone.
@@ -312,19 +407,28 @@ class ShardStream:
         # times shuffle_buffer. The threshold is the fixed-size columns of one batch; the key
         # and error columns push every full batch over it, so each yield is emitted as is.
         ctx.target_max_block_size = max(1, sum(
-            v.nbytes for v in empty_columns(self.spec, self.cfg.batch_size,
-                                            self.dataset).values()))
+            v.nbytes for v in empty_columns(self.spec, self.cfg.batch_size, self.dataset,
+                                            frames=decode_frames).values()))
         ctx.enable_progress_bars = False
         ctx.print_on_execution_start = False
         return ds
 
+    def _frame_decoder(self):
+        if self._frames is None:
+            from data_pipeline.frame_decode import FrameDecoder
+
+            self._frames = FrameDecoder(self.spec, self.decode_on, self.cfg.decode_threads)
+        return self._frames
+
     def _iterate(self, epoch: int, plan, first: int):
         if not plan.batches:
             return
-        ds = self._dataset(plan)
+        frames = None if self.decode_on == "ingest" else self._frame_decoder()
+        ds = self._dataset(plan, decode_frames=frames is None)
         it = ds.iter_batches(batch_size=None, batch_format="numpy",
                              prefetch_batches=self.cfg.prefetch_batches)
         pending = None  # blocks are one plan batch each; re-cut defensively if Ray split them
+        ready: deque = deque()  # (cols or a FrameDecoder handle, j): batch j+1 decodes during j
         j = 0
         for cols in it:
             pending = cols if pending is None else {k: np.concatenate([pending[k], cols[k]])
@@ -337,18 +441,35 @@ class ShardStream:
                 else:
                     cur = {k: v[:n] for k, v in pending.items()}
                     pending = {k: v[n:] for k, v in pending.items()}
-                yield self._collate(cur, epoch, plan, first + j, j)
+                self._check_keys(cur, epoch, plan, first + j, j)
+                if frames is not None:
+                    shards = [self.index.shard_names[self.index.shard_of[f]]
+                              for f in plan.batches[j]]
+                    cur = frames.submit(cur, shards)
+                ready.append((cur, j))
                 j += 1
+                # consumer-side decode runs one batch ahead, except for the epoch's first
+                # batch (nothing to overlap it with yet: it would only wait for the next block)
+                if len(ready) > (0 if frames is None or j == 1 else 1):
+                    yield self._collate(*ready.popleft(), epoch, plan, first)
+        while ready:
+            yield self._collate(*ready.popleft(), epoch, plan, first)
         if j != len(plan.batches) or pending is not None:
             raise IngestError(f"ingest of epoch {epoch} rank {self.rank} ended after {j} of "
                               f"{len(plan.batches)} batches (Ray Data lost rows)")
 
-    def _collate(self, cols: dict, epoch: int, plan, index: int, j: int):
+    def _check_keys(self, cols: dict, epoch: int, plan, index: int, j: int) -> None:
         want = [self.index.keys[f] for f in plan.batches[j]]
         got = [str(k) for k in cols[KEY]]
         if got != want:  # guards the alignment that exact resume relies on
             raise IngestError(f"ingest order broken in epoch {epoch} batch {index}: expected keys "
                               f"{want[:3]}..., got {got[:3]}...")
+
+    def _collate(self, cols, j: int, epoch: int, plan, first: int):
+        if not isinstance(cols, dict):  # a FrameDecoder handle
+            cols = cols.result()
+        index = first + j
+        got = [str(k) for k in cols[KEY]]
         ok = np.asarray(cols[OK], dtype=bool)
         keep = None
         if not ok.all():

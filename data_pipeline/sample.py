@@ -28,6 +28,11 @@ if TYPE_CHECKING:
 # Column names of the decoded blocks (targets are "t_<name>").
 KEY, OK, ERROR, ERR_SHARD, ERR_MEMBER = "key", "ok", "error", "err_shard", "err_member"
 FRAMES, AUDIO, TARGET_PREFIX = "frames", "audio", "t_"
+# Blocks whose JPEG frames the consumer decodes (``IngestConfig.decode_on`` "trainer" / "gpu")
+# carry, instead of FRAMES: each sample's frame members concatenated (one ``bytes`` object per
+# row), the (segments + 1) offsets of its frames in it, and whether the row reached the frame
+# stage in the decode task (its frames are still to be decoded and checked).
+JPEG, JPEG_OFFSETS, FRAMES_PENDING = "frames_jpeg", "frames_jpeg_offsets", "frames_pending"
 
 
 class LabelError(ValueError):
@@ -101,17 +106,23 @@ class SampleSpec:
         return self.segments * SAMPLE_RATE
 
 
-def empty_columns(spec: SampleSpec, n: int, dataset: "Dataset | None" = None) -> dict[str, np.ndarray]:
+def empty_columns(spec: SampleSpec, n: int, dataset: "Dataset | None" = None,
+                  frames: bool = True) -> dict[str, np.ndarray]:
     """Zero-filled output columns for ``n`` samples (the decode task's preallocation);
-    ``dataset`` as in ``SampleSpec.from_manifest``."""
+    ``dataset`` as in ``SampleSpec.from_manifest``. ``frames=False``: the JPEG frames are
+    shipped undecoded (``JPEG_OFFSETS`` and ``FRAMES_PENDING`` instead of ``FRAMES``; the
+    ``JPEG`` bytes column is the decode task's)."""
     if dataset is None:
         from data_pipeline.datasets import get_dataset
 
         dataset = get_dataset(spec.dataset)
     s = spec.frame_size
-    cols = {FRAMES: np.zeros((n, spec.segments, s, s, 3), np.uint8),
-            AUDIO: np.zeros((n, spec.audio_len), np.int16),
-            OK: np.zeros(n, np.bool_)}
+    if frames:
+        cols = {FRAMES: np.zeros((n, spec.segments, s, s, 3), np.uint8)}
+    else:
+        cols = {JPEG_OFFSETS: np.zeros((n, spec.segments + 1), np.int64),
+                FRAMES_PENDING: np.zeros(n, np.bool_)}
+    cols.update({AUDIO: np.zeros((n, spec.audio_len), np.int16), OK: np.zeros(n, np.bool_)})
     for name, (shape, dtype) in dataset.target_shapes(spec).items():
         cols[TARGET_PREFIX + name] = np.zeros((n, *shape), dtype)
     return cols
@@ -127,7 +138,9 @@ def to_avbatch(cols: dict[str, np.ndarray], keep: np.ndarray | None, meta: dict)
 
     from data_pipeline.batch import AVBatch
 
-    def tensor(a: np.ndarray) -> torch.Tensor:
+    def tensor(a) -> torch.Tensor:
+        if isinstance(a, torch.Tensor):  # frames decoded on the GPU (decode_on="gpu")
+            return a if keep is None else a[torch.from_numpy(np.asarray(keep)).to(a.device)]
         if keep is not None:
             a = a[keep]  # fancy indexing copies: writable
         if not a.flags.writeable:

@@ -417,10 +417,14 @@ def scenario_datawait(h: Harness, lc: LocalCluster, data: str, storage: str) -> 
     rate and the run's own compute time per step, beside it (issue 15's planner check)."""
     from avmoe.train import fit, prepare
 
+    from data_pipeline.capacity import measure_decode_rate, predict_data_wait
+
     big = s3_shards(h.work, "avmoe-test", n=64, frame_size=224)
+    cal = measure_decode_rate(big, "train", max_samples=32, seconds=4.0)  # this machine, same shards
+    h.event("calibrated", samples_per_core_s=round(cal["samples_per_core_s"], 1))
     for node in list(lc.ingest):
         lc.remove(node)
-    out: dict = {}
+    out: dict = {"calibration": cal}
     for cpus in (1, 2):
         node = lc.cluster.add_node(num_cpus=cpus, resources={"ingest": cpus}, node_ip_address="127.0.0.1",
                                    object_store_memory=300 * 2**20)
@@ -432,6 +436,9 @@ def scenario_datawait(h: Harness, lc: LocalCluster, data: str, storage: str) -> 
         out[name] = {"decode_cpus": cpus, "data_wait_ratio": timing.get("data_wait_ratio"),
                      "median_step_s": timing.get("median_step_s"), "steps": timing.get("steps_timed"),
                      "compute_step_s": timing.get("median_compute_s"), "global_batch": 8}
+        if out[name]["compute_step_s"]:
+            out[name]["predicted_data_wait_ratio"] = predict_data_wait(
+                cal["samples_per_core_s"], cpus, out[name]["compute_step_s"], 4, 2)
         h.event("datawait run", **out[name])
         lc.cluster.remove_node(node)
     return out

@@ -132,7 +132,8 @@ class IngestSection(Config):
     decode_resources: dict[str, float] | None = None
     # where JPEG frames are decoded (data_pipeline.ingest, bench/README.md "Decode placement"):
     # ingest = the decode tasks, trainer = a thread pool in each training worker, gpu = nvJPEG on
-    # the worker's GPU, auto = ingest when decode_resources names a custom resource, else trainer
+    # the worker's GPU, auto = ingest when decode_resources names a custom resource (ingest nodes)
+    # or the worker has a GPU, else trainer
     decode_on: Literal["auto", "ingest", "trainer", "gpu"] = "auto"
     decode_threads: int | None = None  # decode_on=trainer: threads per worker (None = its CPUs)
 

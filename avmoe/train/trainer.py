@@ -171,8 +171,8 @@ class Trainer:
         cfg = IngestConfig(url=self.tcfg.paths.url(split), split=split, batch_size=batch_size, seed=self.seed,
                            shuffle=shuffle, shuffle_buffer=ing.shuffle_buffer, read_concurrency=ing.read_concurrency,
                            prefetch_batches=ing.prefetch_batches, on_error=ing.on_error,
-                           decode_resources=ing.resources(),
-                           drop_last=drop_last)
+                           decode_resources=ing.resources(), decode_on=ing.decode_on,
+                           decode_threads=ing.decode_threads, drop_last=drop_last)
         return ShardStream(cfg, rank=self.rank, world_size=self.world)
 
     def after_step(self) -> None:
