@@ -63,12 +63,15 @@ os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "10")
 from avmoe.train import Trainer  # noqa: E402
 
 STEP_SECONDS = float(os.environ.get("AVMOE_MN_STEP_SECONDS", "1.0"))  # slows steps so chaos lands mid-epoch
+# run -> the last step the harness acts at: later steps (and the reference run) are not slowed
+SLOW_UNTIL = {"chaos": 7, "elastic": 3}
 
 
 class StepLog(Trainer):
     """A Trainer that records, per optimiser step and rank, the keys it trained on, its node and
     the time, into ``$AVMOE_MN_LOG/<run>/`` (one JSON line per step), and sleeps
-    ``AVMOE_MN_STEP_SECONDS`` after each step. Sleeping changes no weight."""
+    ``AVMOE_MN_STEP_SECONDS`` after each step up to the last one the harness acts at
+    (``SLOW_UNTIL``). Sleeping changes no weight."""
 
     def train_step(self, it):
         keys: list[str] = []
@@ -89,7 +92,8 @@ class StepLog(Trainer):
             f.write(json.dumps({"step": self.state.step, "epoch": self.state.epoch, "rank": self.rank,
                                 "world": self.world, "keys": keys, "node": node, "time": time.time(),
                                 "pid": os.getpid()}) + "\n")
-        time.sleep(STEP_SECONDS)
+        if self.state.step <= SLOW_UNTIL.get(self.run_name, 0):
+            time.sleep(STEP_SECONDS)
         return loss
 
 
@@ -303,7 +307,7 @@ def scenario_ref(h: Harness, lc: LocalCluster, data: str, storage: str) -> dict:
         raise RuntimeError(f"ref run failed: {out['error']}")
     rec = placement_records(t0)
     return {"seconds": time.time() - t0, "placement": rec, "kinds": node_kinds(),
-            "final_step": out["result"]["history"][-1]["step"]}
+            "final_step": out["result"]["history"][-1]["step"], "history": out["result"]["history"]}
 
 
 def scenario_chaos(h: Harness, lc: LocalCluster, data: str, storage: str) -> dict:
@@ -372,6 +376,7 @@ def scenario_chaos(h: Harness, lc: LocalCluster, data: str, storage: str) -> dic
         raise RuntimeError(f"chaos run failed: {out['error']}")
     res["seconds"] = time.time() - t0
     res["final_step"] = out["result"]["history"][-1]["step"]
+    res["history"] = out["result"]["history"]
     res["trainer_loss"].update(time=t_loss, node=lc.node_id(killed))
     res["placement"] = placement_records(t0)
     return res

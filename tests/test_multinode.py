@@ -63,6 +63,8 @@ def test_chaos_run_ends_bit_identical_with_the_same_samples_at_every_step(report
     ref, chaos = report["ref"], report["chaos"]
     assert chaos["bit_identical_to_ref"] is True
     assert chaos["final_step"] == ref["final_step"] == 8
+    # the epoch's train loss (and its parts) covers the steps before each restart: equal rows
+    assert chaos["history"] == ref["history"]
     want = _by_step(ref["steps"])
     got = _by_step(chaos["steps"])
     assert got == want

@@ -45,7 +45,9 @@ class AVModel(nn.Module):
         self.trunk.reset_router_stats()
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute adapted paired blocks in backward (memory for the paper model on a GPU)."""
+        """Recompute the frozen backbone blocks in backward (adapted pairs and unpaired blocks a
+        gradient flows through), restoring the adapters' buffers so nothing is counted twice:
+        memory for the paper model on a GPU (avmoe/models/trunk.py, bench/gpu.py)."""
         self.trunk.grad_checkpointing = enable
 
     def trainable_parameters(self) -> list[nn.Parameter]:

@@ -34,10 +34,24 @@ front-end's SpecAugment / mixup follow the model's training flag and their own c
 Audio adapters without output gate (``adapter.audio_gate=False``, the official AVS/AVQA
 ``is_gate=0``) add an LN-normalised residual to the HTS-AT stream from step 0, exactly like the
 official code; the trunk then differs from the frozen backbone at initialisation.
+
+Activation checkpointing (``grad_checkpointing = True``, ``AVModel.set_grad_checkpointing``):
+while gradients are recorded, every block that gradients pass through is recomputed in the
+backward instead of keeping its activations (``torch.utils.checkpoint``, ``use_reentrant=False``):
+an adapted pair as one unit (both blocks and their four adapters), and each frozen block that
+runs alone (an unpaired visual block, either block of a pair in an unadapted stage) once its
+input carries a gradient; the blocks before the first adapter record nothing to begin with. The
+recomputation puts back the adapters' buffers (router telemetry, BatchNorm running statistics)
+as the forward left them, so gradients and every buffer equal those of a run without it (tested
+bit for bit: tests/test_activation_checkpointing.py). Under ``torch.compile`` an adapted pair's
+frozen sub-layers (attention, MLP, the audio block) are recomputed and its adapters keep their
+activations: Dynamo accepts no ``context_fn``, and a compiled recomputation of the adapters
+would update their buffers twice. Off (the default), the forward is the plain one.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from itertools import chain
 
@@ -100,6 +114,22 @@ class TrunkOutput:
     @property
     def a_feat(self) -> torch.Tensor:
         return self.a_tokens.mean(1)
+
+
+_compiling = torch.compiler.is_compiling  # (a name of this module: the tests take the compiled path in eager mode)
+
+
+@contextlib.contextmanager
+def _buffers_kept(modules: list[nn.Module]):
+    """Around a checkpoint's recomputation: the modules' buffers as they were before it (the
+    forward already counted the router telemetry and moved the BatchNorm running statistics)."""
+    saved = [(b, b.detach().clone()) for m in modules for b in m.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, v in saved:
+                b.copy_(v)
 
 
 def _flat(x: torch.Tensor) -> torch.Tensor:
@@ -192,9 +222,12 @@ class AVTrunk(nn.Module):
             return v + blk.drop_path2(blk.mlp(blk.norm2(v)))
         return v + blk.drop_path2(blk.norm2(blk.mlp(v)))
 
-    def _adapted_pair(self, key: str, vblk: nn.Module, ablk: nn.Module, v: torch.Tensor,
-                      a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    def _adapted_pair(self, key: str, vblk: nn.Module, ablk: nn.Module, v: torch.Tensor, a: torch.Tensor,
+                      frozen_checkpoint: bool = False) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
         ad = self.adapters
+
+        def frozen(fn, *args):  # a frozen sub-layer
+            return checkpoint(fn, *args, use_reentrant=False) if frozen_checkpoint else fn(*args)
         b, h, w, c = v.shape
         lbs: list[torch.Tensor] = []
 
@@ -206,21 +239,33 @@ class AVTrunk(nn.Module):
 
         r_a1 = run(f"{key}_p1_audio", a, v)
         r_v1 = run(f"{key}_p1_visual", v, a)
-        v = self._visual_attn(vblk, v).reshape(b, -1, c) + _flat(r_v1)
-        a = ablk(a) + r_a1
+        v = frozen(self._visual_attn, vblk, v).reshape(b, -1, c) + _flat(r_v1)
+        a = frozen(ablk, a) + r_a1
         r_a2 = run(f"{key}_p2_audio", a, v)
         r_v2 = run(f"{key}_p2_visual", v, a)
-        v = (self._visual_mlp(vblk, v) + _flat(r_v2)).reshape(b, h, w, c)
+        v = (frozen(self._visual_mlp, vblk, v) + _flat(r_v2)).reshape(b, h, w, c)
         a = a + r_a2
         return v, a, lbs
 
     def _step(self, key: str | None, vblk: nn.Module, ablk: nn.Module, v: torch.Tensor,
               a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
         if key is None:
-            return vblk(v), ablk(a), []
+            return self._frozen(vblk, v), self._frozen(ablk, a), []
         if self.grad_checkpointing and torch.is_grad_enabled():
-            return checkpoint(self._adapted_pair, key, vblk, ablk, v, a, use_reentrant=False)
+            if _compiling():
+                # Dynamo refuses a context_fn, and a compiled recomputation would update the
+                # adapters' buffers a second time: only the frozen sub-layers are recomputed
+                return self._adapted_pair(key, vblk, ablk, v, a, frozen_checkpoint=True)
+            adapters = [self.adapters[f"{key}_{p}_{m}"] for p in POSITIONS for m in MODALITIES]
+            return checkpoint(self._adapted_pair, key, vblk, ablk, v, a, use_reentrant=False,
+                              context_fn=lambda: (contextlib.nullcontext(), _buffers_kept(adapters)))
         return self._adapted_pair(key, vblk, ablk, v, a)
+
+    def _frozen(self, blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """A frozen block that runs without adapters: checkpointed when a gradient passes through it."""
+        if self.grad_checkpointing and torch.is_grad_enabled() and x.requires_grad:
+            return checkpoint(blk, x, use_reentrant=False)
+        return blk(x)
 
     def forward(self, frames: torch.Tensor, wave: torch.Tensor) -> TrunkOutput:
         """frames (BT, 3, H, W) normalised; wave (BT, samples) in [-1, 1]."""
@@ -233,7 +278,7 @@ class AVTrunk(nn.Module):
             v, a = vstage.downsample(v), astage.downsample(a)
             for i, j in enumerate(self.pairing[s]):
                 if j is None:
-                    v = vstage.blocks[i](v)
+                    v = self._frozen(vstage.blocks[i], v)
                     continue
                 v, a, lb = self._step(self._pair_keys[k], vstage.blocks[i], astage.blocks[j], v, a)
                 lbs.extend(lb)
