@@ -424,7 +424,8 @@ def scenario_datawait(h: Harness, lc: LocalCluster, data: str, storage: str) -> 
 
     from data_pipeline.capacity import measure_decode_rate, predict_data_wait
 
-    big = s3_shards(h.work, "avmoe-test", n=64, frame_size=224)
+    # AVMOE_MN_FRAME_SIZE: larger frames make decoding the bottleneck of the tiny model's steps
+    big = s3_shards(h.work, "avmoe-test", n=64, frame_size=int(os.environ.get("AVMOE_MN_FRAME_SIZE", "224")))
     cal = measure_decode_rate(big, "train", max_samples=32, seconds=4.0)  # this machine, same shards
     h.event("calibrated", samples_per_core_s=round(cal["samples_per_core_s"], 1))
     for node in list(lc.ingest):
@@ -442,8 +443,10 @@ def scenario_datawait(h: Harness, lc: LocalCluster, data: str, storage: str) -> 
                      "median_step_s": timing.get("median_step_s"), "steps": timing.get("steps_timed"),
                      "compute_step_s": timing.get("median_compute_s"), "global_batch": 8}
         if out[name]["compute_step_s"]:
-            out[name]["predicted_data_wait_ratio"] = predict_data_wait(
-                cal["samples_per_core_s"], cpus, out[name]["compute_step_s"], 4, 2)
+            args = (cal["samples_per_core_s"], cpus, out[name]["compute_step_s"], 4, 2)
+            out[name]["predicted_data_wait_ratio"] = predict_data_wait(*args)
+            # with the pipeline's fill at every epoch start (3 epochs of 8 steps)
+            out[name]["predicted_with_fill"] = predict_data_wait(*args, steps=8)
         h.event("datawait run", **out[name])
         lc.cluster.remove_node(node)
     return out
