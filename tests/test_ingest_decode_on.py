@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 
 import numpy as np
@@ -14,31 +13,18 @@ import pytest
 import torch
 
 from data_pipeline.ingest import AUTO_DECODE_ON, IngestConfig, IngestError, ShardStream
-from data_pipeline.pack import PackOptions, pack
-from data_pipeline.synth import synth
 
 sys.path.insert(0, os.path.dirname(__file__))
-from test_ingest_errors import damage, rewrite_sample  # noqa: E402  (the same damage cases)
+from test_ingest_errors import copy_split, damage, good, rewrite_sample  # noqa: E402,F401  (the same shards and damage cases)
 
 CUDA = torch.cuda.is_available()
 
 
 @pytest.fixture(scope="module")
-def packed(tmp_path_factory):
-    """Real packed shards: synthetic AVE videos through the packer (JPEG q90 frames)."""
-    root = tmp_path_factory.mktemp("decode-on")
-    synth("ave", 12, str(root / "raw"), seed=7, size=32)
-    out = root / "shards"
-    pack("ave", str(root / "raw"), "train", str(out), PackOptions(frame_size=32, shard_samples=4),
-         progress=False)
-    return out
-
-
-def copy_split(packed, tmp_path):
-    dst = tmp_path / "shards"
-    shutil.copytree(packed, dst)
-    with open(dst / "train.manifest.json") as f:
-        return dst, json.load(f)
+def packed(good):
+    """Real packed shards: synthetic AVE videos through the packer (JPEG q90 frames): the error
+    tests' set."""
+    return good
 
 
 def batches(url, decode_on, epoch=0, start_batch=0, **kw):

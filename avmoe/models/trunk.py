@@ -64,6 +64,7 @@ from avmoe.config import AdapterConfig, AudioConfig, VisualConfig
 from avmoe.models import adapters as _adapters  # noqa: F401  (registers the adapter kinds)
 from avmoe.models import backbones as _backbones  # noqa: F401  (registers the backbones)
 from avmoe.models.adapters.bridge import StreamSpec
+from avmoe.models.buffers import buffers_restored  # (a recompute counts nothing twice)
 from avmoe.models.registries import ADAPTERS, BACKBONES
 
 POSITIONS = ("p1", "p2")
@@ -117,19 +118,6 @@ class TrunkOutput:
 
 
 _compiling = torch.compiler.is_compiling  # (a name of this module: the tests take the compiled path in eager mode)
-
-
-@contextlib.contextmanager
-def _buffers_kept(modules: list[nn.Module]):
-    """Around a checkpoint's recomputation: the modules' buffers as they were before it (the
-    forward already counted the router telemetry and moved the BatchNorm running statistics)."""
-    saved = [(b, b.detach().clone()) for m in modules for b in m.buffers()]
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for b, v in saved:
-                b.copy_(v)
 
 
 def _flat(x: torch.Tensor) -> torch.Tensor:
@@ -258,7 +246,7 @@ class AVTrunk(nn.Module):
                 return self._adapted_pair(key, vblk, ablk, v, a, frozen_checkpoint=True)
             adapters = [self.adapters[f"{key}_{p}_{m}"] for p in POSITIONS for m in MODALITIES]
             return checkpoint(self._adapted_pair, key, vblk, ablk, v, a, use_reentrant=False,
-                              context_fn=lambda: (contextlib.nullcontext(), _buffers_kept(adapters)))
+                              context_fn=lambda: (contextlib.nullcontext(), buffers_restored(adapters)))
         return self._adapted_pair(key, vblk, ablk, v, a)
 
     def _frozen(self, blk: nn.Module, x: torch.Tensor) -> torch.Tensor:

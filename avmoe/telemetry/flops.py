@@ -73,15 +73,11 @@ def _preserved_state(model: nn.Module):
     """Leave no trace of the measurement: buffers (router telemetry, norm running stats) and the
     RNG streams (dropout, router noise) are restored, so training is bit-identical with or
     without the measurement."""
-    saved = [(b, b.detach().clone()) for b in model.buffers()]
+    from avmoe.models.buffers import buffers_restored
+
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
-    with torch.random.fork_rng(devices=devices):
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for b, v in saved:
-                    b.copy_(v)
+    with torch.random.fork_rng(devices=devices), buffers_restored([model]):
+        yield
 
 
 def flops_per_sample(model: nn.Module, loss_fn: Callable[[nn.Module, Any], torch.Tensor], batch: Any,

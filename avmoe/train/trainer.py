@@ -236,6 +236,7 @@ class Trainer:
         self.aux = None if self.eval_only else self.task.auxiliary(self.module, self.cfg, self.seed, self.device)
 
         self.train_ingest_state = None
+        self._redealt = False  # set by _restore when the world size changed (elastic restart)
         self._restore()
 
         self.metrics = WorkerMetrics(job=self.run_name, task=self.task.full_name, rank=self.rank, node=_node_ip(),
@@ -308,7 +309,6 @@ class Trainer:
         checkpoint's global position, and this rank's batch counter is set so that the epoch
         ends when that rest is consumed -- nothing of the epoch repeated or lost."""
         ing, st = self.train_ingest_state, self.state
-        self._redealt = False
         if not ing or ing.get("epoch") != st.epoch or not st.batches_done:
             return
         if (ing.get("world_size", self.world) == self.world and ing.get("batch_size", self.batch_size)
@@ -355,7 +355,7 @@ class Trainer:
         self.module.reset_router_stats()
         total_batches = self.steps_per_epoch * self.grad_accum
         resume = self.train_ingest_state
-        if resume and resume["epoch"] == epoch and (st.batches_done or getattr(self, "_redealt", False)):
+        if resume and resume["epoch"] == epoch and (st.batches_done or self._redealt):
             it = self.train_stream.resume(resume)
         else:
             it = self.train_stream.epoch(epoch, start_batch=st.batches_done)
