@@ -327,6 +327,9 @@ def test_checkpoint_size_matches_a_real_deepspeed_save(tmp_path, packed, model_c
     script.write_text(_DS_SAVE)
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0",
            "WORLD_SIZE": "1", "LOCAL_RANK": "0", "DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": ""}
+    # an earlier test's in-process group (avmoe.train.process_group.join_store) leaves this set:
+    # the child would then wait for a rendezvous store nobody serves on MASTER_PORT
+    env.pop("TORCHELASTIC_USE_AGENT_STORE", None)
     proc = subprocess.run([sys.executable, str(script), str(tmp_path), packed], capture_output=True,
                           text=True, env=env, cwd=REPO, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
